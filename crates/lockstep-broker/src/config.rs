@@ -1,0 +1,76 @@
+//! Broker settings, with the defaults `lockstep serve` uses.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Default data directory, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "./lockstep-data";
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
+/// Default request body limit: 4 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
+/// Default redb page cache: 64 MiB. Reads of a long log stream through it, so this caps the
+/// memory the log takes however long it grows.
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
+/// How the broker runs. Every field has a default; a TOML config file may set any of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the log lives (`log.redb` inside).
+    pub data_dir: PathBuf,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// redb page cache size, in bytes.
+    pub cache_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7700))),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+        }
+    }
+}
+
+impl Config {
+    /// Defaults with the log in `data_dir`.
+    pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Parses a TOML config file's text.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_overrides_and_refuses_unknown_keys() {
+        let c = Config::from_toml("data_dir = \"/tmp/x\"\nmax_body_bytes = 10\n").unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.max_body_bytes, 10);
+        assert_eq!(c.listen.port(), 7700);
+        assert!(
+            Config::from_toml("colour = 1")
+                .unwrap_err()
+                .contains("colour")
+        );
+    }
+}

@@ -1,0 +1,343 @@
+//! The HTTP API (axum). Handlers parse and validate, call the [`Broker`], and map its errors to a
+//! status and a JSON body `{"error": {"code", "message"}}`. They never touch storage directly.
+//!
+//! Routes: `POST /v1/events`, `GET /v1/events`, `GET /v1/events/{position}`, `GET /v1/head`,
+//! `GET /healthz`, `GET /readyz`, `GET /metrics`. See `docs/http-api.md`.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::DateTime;
+use lockstep_proto::TypeFilter;
+use lockstep_proto::wire::{ErrorBody, ErrorDetail, PublishResponse};
+use serde::Deserialize;
+
+use crate::Broker;
+use crate::cloudevents;
+use crate::error::{AppendError, ConflictKind, PublishError, ReadError};
+use crate::publish::parse_native;
+use crate::read::{DEFAULT_LIMIT, MAX_LIMIT, MAX_WAIT_MS, ReadQuery};
+
+/// The broker's router, with its body limit.
+pub fn router(broker: Broker) -> Router {
+    let max_body = broker.config().max_body_bytes;
+    Router::new()
+        .route("/v1/events", get(read_events).post(publish))
+        .route("/v1/events/{position}", get(read_event))
+        .route("/v1/head", get(head))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(broker)
+}
+
+/// An error answer: status plus the JSON error body.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    detail: ErrorDetail,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            detail: ErrorDetail {
+                code: code.to_owned(),
+                message: message.into(),
+                current: None,
+                index: None,
+            },
+            retry_after: None,
+        }
+    }
+
+    fn bad_request(code: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    fn internal(context: &str, err: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %err, "{context}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the broker could not complete the request; see its log",
+        )
+    }
+
+    fn unavailable() -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the broker is shutting down; retry against it once it is back",
+            )
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(ErrorBody { error: self.detail })).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl From<PublishError> for ApiError {
+    fn from(err: PublishError) -> Self {
+        match err {
+            PublishError::Invalid {
+                code,
+                message,
+                index,
+            } => {
+                let mut e = ApiError::bad_request(code, message);
+                e.detail.index = index;
+                e
+            }
+            PublishError::Append(AppendError::Conflict {
+                index,
+                ref kind,
+                current,
+                ..
+            }) => {
+                let code = match kind {
+                    ConflictKind::Head => "head_conflict",
+                    ConflictKind::Key(_) => "key_conflict",
+                };
+                let mut e = ApiError::new(StatusCode::CONFLICT, code, err.to_string());
+                e.detail.current = Some(current);
+                e.detail.index = Some(index);
+                e
+            }
+            PublishError::Append(AppendError::Closed) => ApiError::unavailable(),
+            PublishError::Append(AppendError::Storage(e)) => {
+                ApiError::internal("publish failed", e)
+            }
+        }
+    }
+}
+
+impl From<ReadError> for ApiError {
+    fn from(err: ReadError) -> Self {
+        match err {
+            ReadError::Invalid { code, message } => ApiError::bad_request(code, message),
+            ReadError::NotFound(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", err.to_string())
+            }
+            ReadError::Store(e) => ApiError::internal("read failed", e),
+        }
+    }
+}
+
+fn body_error(rejection: BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "the request body is larger than the broker's limit (max_body_bytes)",
+        )
+    } else {
+        ApiError::new(rejection.status(), "bad_body", rejection.body_text())
+    }
+}
+
+async fn publish(
+    State(broker): State<Broker>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<PublishResponse>, ApiError> {
+    let body = body.map_err(body_error)?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| ApiError::bad_request("bad_header", "Content-Type is not ASCII"))
+        })
+        .transpose()?;
+    let essence = content_type.map(|ct| {
+        ct.split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase()
+    });
+    let drafts = if cloudevents::is_binary(&headers) {
+        cloudevents::parse_binary(&headers, content_type, &body)
+    } else {
+        match essence.as_deref() {
+            None | Some("application/json") => parse_native(&body),
+            Some(cloudevents::STRUCTURED) => cloudevents::parse_structured(&body),
+            Some(cloudevents::BATCH) => cloudevents::parse_batch(&body),
+            Some(other) => {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_content_type",
+                    format!(
+                        "Content-Type {other:?} is not accepted: send application/json, \
+                         application/cloudevents+json, application/cloudevents-batch+json, \
+                         or a binary-mode CloudEvent with ce-* headers"
+                    ),
+                ));
+            }
+        }
+    }?;
+    let events = broker.publish(drafts).await?;
+    Ok(Json(PublishResponse { events }))
+}
+
+/// Query parameters of `GET /v1/events`, as sent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadParams {
+    after: Option<u64>,
+    limit: Option<usize>,
+    types: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    wait_ms: Option<u64>,
+}
+
+impl ReadParams {
+    fn into_query(self) -> Result<ReadQuery, ApiError> {
+        let limit = self.limit.unwrap_or(DEFAULT_LIMIT);
+        if !(1..=MAX_LIMIT).contains(&limit) {
+            return Err(ApiError::bad_request(
+                "invalid_limit",
+                format!("limit must be between 1 and {MAX_LIMIT}, not {limit}"),
+            ));
+        }
+        let wait_ms = self.wait_ms.unwrap_or(0);
+        if wait_ms > MAX_WAIT_MS {
+            return Err(ApiError::bad_request(
+                "invalid_wait",
+                format!("wait_ms must be at most {MAX_WAIT_MS}, not {wait_ms}"),
+            ));
+        }
+        let filter = match &self.types {
+            Some(list) => TypeFilter::parse_list(list)
+                .map_err(|e| ApiError::bad_request("invalid_pattern", e.to_string()))?,
+            None => TypeFilter::all(),
+        };
+        Ok(ReadQuery {
+            after: self.after.unwrap_or(0),
+            limit,
+            filter,
+            since_ns: self
+                .since
+                .as_deref()
+                .map(|t| time_param("since", t))
+                .transpose()?,
+            until_ns: self
+                .until
+                .as_deref()
+                .map(|t| time_param("until", t))
+                .transpose()?,
+            wait: Duration::from_millis(wait_ms),
+        })
+    }
+}
+
+fn time_param(name: &str, text: &str) -> Result<i64, ApiError> {
+    // An unencoded '+' in a query string arrives as a space; put it back.
+    let text = text.trim().replace(' ', "+");
+    DateTime::parse_from_rfc3339(&text)
+        .ok()
+        .and_then(|t| t.timestamp_nanos_opt())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_time",
+                format!("{name}={text:?} is not an RFC 3339 time such as 2026-11-01T00:00:00Z"),
+            )
+        })
+}
+
+async fn read_events(
+    State(broker): State<Broker>,
+    params: Result<Query<ReadParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) =
+        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let page = broker.read(params.into_query()?).await?;
+    Ok(json_bytes(page.body))
+}
+
+async fn read_event(
+    State(broker): State<Broker>,
+    position: Result<Path<u64>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(position) = position.map_err(|_| {
+        ApiError::bad_request("invalid_position", "a position is a whole number from 1")
+    })?;
+    Ok(json_bytes(broker.event(position).await?))
+}
+
+fn json_bytes(body: Vec<u8>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn head(State(broker): State<Broker>) -> Response {
+    Json(broker.head()).into_response()
+}
+
+async fn healthz() -> Response {
+    Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+async fn readyz(State(broker): State<Broker>) -> Response {
+    if *broker.inner.stopping.borrow() {
+        ApiError::unavailable().into_response()
+    } else {
+        Json(serde_json::json!({"status": "ready", "head": broker.head().position})).into_response()
+    }
+}
+
+async fn metrics(State(broker): State<Broker>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        broker.metrics_text(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route; see docs/http-api.md",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method; see docs/http-api.md",
+    )
+}

@@ -1,0 +1,146 @@
+//! The Lockstep broker: one durable, hash-chained, totally ordered event log on redb, served over
+//! HTTP. A library, so the `lockstep` binary and the tests run exactly the same server.
+//!
+//! Map of the crate, in the order a request flows:
+//! - [`http`]: the axum router; maps requests to domain calls and errors to JSON answers.
+//! - [`publish`] and [`cloudevents`]: the receiver; turns publish bodies into checked drafts.
+//! - [`read`]: pages of events by position or time, long-polling.
+//! - [`log`]: the redb store and its group-committing writer thread.
+//! - [`config`], [`error`], [`metrics`]: settings, error types, counters.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let broker = lockstep_broker::Broker::open(lockstep_broker::Config::with_data_dir("./data"))?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:7700").await?;
+//! lockstep_broker::serve(listener, broker, async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! })
+//! .await?;
+//! # Ok(()) }
+//! ```
+
+pub mod cloudevents;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod log;
+pub mod metrics;
+pub mod publish;
+pub mod read;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use lockstep_proto::wire::{Head, PublishAck};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::Config;
+pub use error::{AppendError, PublishError, ReadError, StoreError};
+use log::{Draft, Log};
+pub use read::ReadQuery;
+
+/// A running broker: the log and its settings. Cheap to clone.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    log: Log,
+    config: Config,
+    /// Turns true when shutdown starts, so long-polls return at once.
+    stopping: watch::Sender<bool>,
+}
+
+impl Broker {
+    /// Opens the log in `config.data_dir` (creating it if needed) and starts its writer.
+    pub fn open(config: Config) -> Result<Self, StoreError> {
+        let log = Log::open(&config.data_dir, config.cache_bytes)?;
+        tracing::info!(
+            data_dir = %config.data_dir.display(),
+            head = log.tip().position,
+            "log opened"
+        );
+        Ok(Self {
+            inner: Arc::new(Inner {
+                log,
+                config,
+                stopping: watch::Sender::new(false),
+            }),
+        })
+    }
+
+    /// The broker's settings.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Appends checked drafts atomically; answers once they are durable.
+    pub async fn publish(&self, drafts: Vec<Draft>) -> Result<Vec<PublishAck>, PublishError> {
+        if *self.inner.stopping.borrow() {
+            return Err(AppendError::Closed.into());
+        }
+        Ok(self.inner.log.append(drafts).await?)
+    }
+
+    /// One page of events as its JSON body.
+    pub async fn read(&self, query: ReadQuery) -> Result<read::Page, ReadError> {
+        read::read_page(&self.inner.log, query, self.inner.stopping.subscribe()).await
+    }
+
+    /// The JSON of the event at `position`.
+    pub async fn event(&self, position: u64) -> Result<Vec<u8>, ReadError> {
+        read::read_one(&self.inner.log, position).await
+    }
+
+    /// The last committed event.
+    pub fn head(&self) -> Head {
+        let tip = self.inner.log.tip();
+        Head {
+            position: tip.position,
+            hash: tip.hash.to_hex(),
+            time: (tip.position > 0).then(|| chrono::DateTime::from_timestamp_nanos(tip.time_ns)),
+        }
+    }
+
+    /// Metrics in Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        self.inner
+            .log
+            .metrics()
+            .render(self.inner.log.tip().position)
+    }
+
+    /// The log, for in-process users such as benchmarks.
+    pub fn log(&self) -> &Log {
+        &self.inner.log
+    }
+
+    /// Starts shutdown: refuses new publishes, wakes long-polls, lets queued commits finish and
+    /// stops the writer.
+    pub async fn close(&self) {
+        self.inner.stopping.send_replace(true);
+        self.inner.log.close().await;
+    }
+}
+
+/// Serves the HTTP API on `listener` until `shutdown` resolves, then stops gracefully: no new
+/// connections, in-flight requests (and their commits) finish, long-polls return, the writer stops.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Broker,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = http::router(broker.clone());
+    let stopping = broker.clone();
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            stopping.inner.stopping.send_replace(true);
+        })
+        .await;
+    broker.close().await;
+    result
+}

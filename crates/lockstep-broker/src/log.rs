@@ -1,0 +1,623 @@
+//! The durable log: events in redb, appended by one writer thread with group commit.
+//!
+//! Tables (all in `DATA/log.redb`):
+//! - `events`: position → stored record (canonical bytes ‖ chain hash), positions gapless from 1;
+//! - `event_ids`: event id → position, for idempotent publish;
+//! - `key_heads`: entity key → position of the last event with that key, for `expected_position`.
+//!
+//! Invariants, kept by the writer alone: positions are gapless; `time` never decreases along
+//! positions; `hash(n) = blake3(hash(n-1) ‖ canonical(n))`; the three tables change in the same
+//! transaction, so a crash leaves all of them at the same committed prefix.
+//!
+//! Every append goes through [`Log::append`], which queues a request to the writer thread. The
+//! writer takes every request waiting in the queue, applies them in order in one redb transaction
+//! and commits it durably (fsync) before answering any of them: concurrent publishers share a
+//! commit, so throughput grows with concurrency while each caller still waits for durability.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use chrono::Utc;
+use lockstep_proto::record::{ChainHash, GENESIS_HASH, RecordRef, StoredRecord};
+use lockstep_proto::wire::PublishAck;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::error::{AppendError, ConflictKind, StoreError};
+use crate::metrics::LogMetrics;
+
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const EVENT_IDS: TableDefinition<&str, u64> = TableDefinition::new("event_ids");
+const KEY_HEADS: TableDefinition<&str, u64> = TableDefinition::new("key_heads");
+
+/// Requests waiting for the writer; publishers wait (back-pressure) when it is full.
+const QUEUE_CAPACITY: usize = 4096;
+
+/// Most events one group commit takes; a larger backlog is split over several commits.
+const MAX_GROUP_EVENTS: usize = 20_000;
+
+/// An event checked and ready to append: the broker adds position, time and hash.
+#[derive(Debug, Clone)]
+pub struct Draft {
+    /// Dedup key (generated upstream when the client gave none).
+    pub id: String,
+    /// Validated event type.
+    pub event_type: String,
+    /// Publishing service.
+    pub source: String,
+    /// Entity key.
+    pub key: Option<String>,
+    /// The client's time, ns since the epoch.
+    pub occurred_at_ns: Option<i64>,
+    /// Content type of `data`.
+    pub content_type: String,
+    /// Payload bytes.
+    pub data: Vec<u8>,
+    /// Append only if the head is here just before this event.
+    pub expected_head: Option<u64>,
+    /// Append only if the last event with `key` is here (0: none).
+    pub expected_position: Option<u64>,
+}
+
+/// The last committed event: what `GET /v1/head` shows and what long-polls wait on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tip {
+    /// Position of the last event (0 when empty).
+    pub position: u64,
+    /// Chain hash at `position`.
+    pub hash: ChainHash,
+    /// Time of the last event, ns (0 when empty).
+    pub time_ns: i64,
+}
+
+impl Tip {
+    const EMPTY: Tip = Tip {
+        position: 0,
+        hash: GENESIS_HASH,
+        time_ns: 0,
+    };
+}
+
+type Reply = oneshot::Sender<Result<Vec<PublishAck>, AppendError>>;
+
+enum Command {
+    Append { drafts: Vec<Draft>, reply: Reply },
+    Stop,
+}
+
+/// Handle to the log. Cheap to clone; all clones share one database and one writer.
+#[derive(Clone)]
+pub struct Log {
+    db: Arc<Database>,
+    commands: mpsc::Sender<Command>,
+    tip: watch::Receiver<Tip>,
+    writer: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+    metrics: Arc<LogMetrics>,
+}
+
+impl Log {
+    /// Opens (or creates) the log in `dir` and starts its writer thread.
+    pub fn open(dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::new(format!("creating data directory {}: {e}", dir.display()))
+        })?;
+        let path = dir.join("log.redb");
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(&path)
+            .map_err(|e| StoreError::new(format!("opening {}: {e}", path.display())))?;
+        let txn = db.begin_write()?;
+        txn.open_table(EVENTS)?;
+        txn.open_table(EVENT_IDS)?;
+        txn.open_table(KEY_HEADS)?;
+        txn.commit()?;
+        let db = Arc::new(db);
+        let tip = read_tip(&db)?;
+        let (tip_tx, tip_rx) = watch::channel(tip);
+        let (commands, queue) = mpsc::channel(QUEUE_CAPACITY);
+        let metrics = Arc::new(LogMetrics::default());
+        let writer = Writer {
+            db: Arc::clone(&db),
+            tip,
+            published: tip_tx,
+            buf: Vec::with_capacity(4096),
+            metrics: Arc::clone(&metrics),
+        };
+        let writer = std::thread::Builder::new()
+            .name("lockstep-writer".into())
+            .spawn(move || writer.run(queue))
+            .map_err(|e| StoreError::new(format!("starting writer thread: {e}")))?;
+        Ok(Self {
+            db,
+            commands,
+            tip: tip_rx,
+            writer: Arc::new(std::sync::Mutex::new(Some(writer))),
+            metrics,
+        })
+    }
+
+    /// Appends `drafts` atomically and durably; answers once the commit is on disk.
+    pub async fn append(&self, drafts: Vec<Draft>) -> Result<Vec<PublishAck>, AppendError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Append { drafts, reply })
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        answer.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// The last committed event.
+    pub fn tip(&self) -> Tip {
+        *self.tip.borrow()
+    }
+
+    /// The log's counters.
+    pub fn metrics(&self) -> &LogMetrics {
+        &self.metrics
+    }
+
+    /// A receiver that wakes on every commit.
+    pub fn watch_tip(&self) -> watch::Receiver<Tip> {
+        self.tip.clone()
+    }
+
+    /// Visits events after `after` in order until `visit` breaks or the log ends; blocking.
+    /// Returns the position of the last event visited (or `after` if none).
+    pub fn scan(
+        &self,
+        after: u64,
+        mut visit: impl FnMut(&RecordRef<'_>, &ChainHash) -> ControlFlow<()>,
+    ) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let events = txn.open_table(EVENTS)?;
+        let mut last = after;
+        for entry in events.range(after.saturating_add(1)..)? {
+            let (position, bytes) = entry?;
+            let bytes = bytes.value();
+            let (record, _, hash) = StoredRecord::decode(bytes)?;
+            last = position.value();
+            if visit(&record, &hash).is_break() {
+                break;
+            }
+        }
+        Ok(last)
+    }
+
+    /// Calls `f` with the event at `position`, if there is one; blocking.
+    pub fn get<T>(
+        &self,
+        position: u64,
+        f: impl FnOnce(&RecordRef<'_>, &ChainHash) -> T,
+    ) -> Result<Option<T>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let events = txn.open_table(EVENTS)?;
+        let Some(bytes) = events.get(position)? else {
+            return Ok(None);
+        };
+        let (record, _, hash) = StoredRecord::decode(bytes.value())?;
+        Ok(Some(f(&record, &hash)))
+    }
+
+    /// The first position whose time is at or after `time_ns`, or `head + 1` if none; blocking.
+    /// Binary search: times never decrease along positions.
+    pub fn first_at_or_after(&self, time_ns: i64) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let events = txn.open_table(EVENTS)?;
+        let head = match events.last()? {
+            Some((position, _)) => position.value(),
+            None => return Ok(1),
+        };
+        let (mut lo, mut hi) = (1u64, head + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let bytes = events
+                .get(mid)?
+                .ok_or_else(|| StoreError::new(format!("gap in the log at position {mid}")))?;
+            let (record, _, _) = StoredRecord::decode(bytes.value())?;
+            if record.time_ns < time_ns {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
+    }
+
+    /// Stops the writer after the requests already queued, and waits for it.
+    pub async fn close(&self) {
+        // A full queue means appends are still queued: they are answered before Stop is seen.
+        let _ = self.commands.send(Command::Stop).await;
+        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+}
+
+fn read_tip(db: &Database) -> Result<Tip, StoreError> {
+    let txn = db.begin_read()?;
+    let events = txn.open_table(EVENTS)?;
+    let Some((position, bytes)) = events.last()? else {
+        return Ok(Tip::EMPTY);
+    };
+    let (record, _, hash) = StoredRecord::decode(bytes.value())?;
+    if record.position != position.value() {
+        return Err(StoreError::new(format!(
+            "record stored at position {} says it is at {}",
+            position.value(),
+            record.position
+        )));
+    }
+    Ok(Tip {
+        position: record.position,
+        hash,
+        time_ns: record.time_ns,
+    })
+}
+
+/// The one thread that writes the log.
+struct Writer {
+    db: Arc<Database>,
+    /// Tip including the commits of the group being built; equals the committed tip between groups.
+    tip: Tip,
+    published: watch::Sender<Tip>,
+    buf: Vec<u8>,
+    metrics: Arc<LogMetrics>,
+}
+
+/// What one event of a request turns into, decided before anything of the request is written.
+enum Plan {
+    /// Already stored: answer with the original.
+    Stored(PublishAck),
+    /// Same id as an earlier event of this request: answer with that one's ack.
+    SameAs(usize),
+    /// Append at this position.
+    Append(u64),
+}
+
+impl Writer {
+    fn run(mut self, mut queue: mpsc::Receiver<Command>) {
+        let mut group: Vec<(Vec<Draft>, Reply)> = Vec::new();
+        let mut stopping = false;
+        while !stopping {
+            match queue.blocking_recv() {
+                Some(Command::Append { drafts, reply }) => group.push((drafts, reply)),
+                Some(Command::Stop) | None => break,
+            }
+            let mut events = group[0].0.len();
+            while events < MAX_GROUP_EVENTS {
+                match queue.try_recv() {
+                    Ok(Command::Append { drafts, reply }) => {
+                        events += drafts.len();
+                        group.push((drafts, reply));
+                    }
+                    Ok(Command::Stop) => {
+                        stopping = true;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(&mut group);
+        }
+        queue.close();
+        while let Ok(command) = queue.try_recv() {
+            if let Command::Append { reply, .. } = command {
+                let _ = reply.send(Err(AppendError::Closed));
+            }
+        }
+        tracing::debug!("log writer stopped");
+    }
+
+    fn commit_group(&mut self, group: &mut Vec<(Vec<Draft>, Reply)>) {
+        let started = std::time::Instant::now();
+        let before = self.tip;
+        match self.write_group(group) {
+            Ok(results) => {
+                self.published.send_replace(self.tip);
+                self.metrics
+                    .record_commit(started.elapsed(), self.tip.position - before.position);
+                for ((_, reply), result) in group.drain(..).zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "log commit failed; the group's publishes are refused");
+                self.tip = before;
+                for (_, reply) in group.drain(..) {
+                    let _ = reply.send(Err(AppendError::Storage(err.clone())));
+                }
+            }
+        }
+    }
+
+    /// Applies every request of the group in one transaction and commits it. A request that fails
+    /// its own checks gets its error and writes nothing; the others are unaffected.
+    fn write_group(
+        &mut self,
+        group: &[(Vec<Draft>, Reply)],
+    ) -> Result<Vec<Result<Vec<PublishAck>, AppendError>>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut results = Vec::with_capacity(group.len());
+        {
+            let mut tables = Tables {
+                events: txn.open_table(EVENTS)?,
+                ids: txn.open_table(EVENT_IDS)?,
+                keys: txn.open_table(KEY_HEADS)?,
+            };
+            let now = Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+            for (drafts, _) in group {
+                results.push(self.apply(&mut tables, now, drafts)?);
+            }
+        }
+        txn.commit()?;
+        Ok(results)
+    }
+
+    fn apply(
+        &mut self,
+        tables: &mut Tables<'_>,
+        now: i64,
+        drafts: &[Draft],
+    ) -> Result<Result<Vec<PublishAck>, AppendError>, StoreError> {
+        let plan = match self.plan(tables, drafts)? {
+            Ok(plan) => plan,
+            Err(conflict) => return Ok(Err(conflict)),
+        };
+        let mut acks: Vec<PublishAck> = Vec::with_capacity(drafts.len());
+        for (draft, step) in drafts.iter().zip(plan) {
+            let ack = match step {
+                Plan::Stored(ack) => ack,
+                Plan::SameAs(index) => PublishAck {
+                    duplicate: true,
+                    ..acks[index].clone()
+                },
+                Plan::Append(position) => {
+                    debug_assert_eq!(position, self.tip.position + 1);
+                    let record = RecordRef {
+                        position,
+                        time_ns: now.max(self.tip.time_ns),
+                        id: &draft.id,
+                        event_type: &draft.event_type,
+                        source: &draft.source,
+                        key: draft.key.as_deref(),
+                        occurred_at_ns: draft.occurred_at_ns,
+                        content_type: &draft.content_type,
+                        data: &draft.data,
+                    };
+                    self.buf.clear();
+                    record.encode(&mut self.buf);
+                    let hash = self.tip.hash.next(&self.buf);
+                    self.buf.extend_from_slice(&hash.0);
+                    tables.events.insert(position, self.buf.as_slice())?;
+                    tables.ids.insert(draft.id.as_str(), position)?;
+                    if let Some(key) = &draft.key {
+                        tables.keys.insert(key.as_str(), position)?;
+                    }
+                    self.tip = Tip {
+                        position,
+                        hash,
+                        time_ns: record.time_ns,
+                    };
+                    PublishAck {
+                        position,
+                        id: draft.id.clone(),
+                        hash: hash.to_hex(),
+                        time: record.time(),
+                        duplicate: false,
+                    }
+                }
+            };
+            acks.push(ack);
+        }
+        Ok(Ok(acks))
+    }
+
+    /// Decides each event's fate and checks every expectation before anything is written, so a
+    /// request either appends all its new events or none.
+    fn plan(
+        &self,
+        tables: &Tables<'_>,
+        drafts: &[Draft],
+    ) -> Result<Result<Vec<Plan>, AppendError>, StoreError> {
+        let mut plan = Vec::with_capacity(drafts.len());
+        let mut head = self.tip.position;
+        // Ids and key heads of this request's own new events; tiny maps, linear search is fine.
+        let mut new_ids: Vec<(&str, usize)> = Vec::new();
+        let mut new_keys: Vec<(&str, u64)> = Vec::new();
+        for (index, draft) in drafts.iter().enumerate() {
+            if let Some(position) = tables.ids.get(draft.id.as_str())? {
+                plan.push(Plan::Stored(stored_ack(&tables.events, position.value())?));
+                continue;
+            }
+            if let Some(&(_, first)) = new_ids.iter().find(|(id, _)| *id == draft.id) {
+                plan.push(Plan::SameAs(first));
+                continue;
+            }
+            if let Some(expected) = draft.expected_head
+                && expected != head
+            {
+                return Ok(Err(AppendError::Conflict {
+                    index,
+                    kind: ConflictKind::Head,
+                    expected,
+                    current: head,
+                }));
+            }
+            if let (Some(expected), Some(key)) = (draft.expected_position, draft.key.as_deref()) {
+                let current = match new_keys.iter().rev().find(|(k, _)| *k == key) {
+                    Some(&(_, position)) => position,
+                    None => tables.keys.get(key)?.map_or(0, |p| p.value()),
+                };
+                if expected != current {
+                    return Ok(Err(AppendError::Conflict {
+                        index,
+                        kind: ConflictKind::Key(key.to_owned()),
+                        expected,
+                        current,
+                    }));
+                }
+            }
+            head += 1;
+            new_ids.push((&draft.id, index));
+            if let Some(key) = draft.key.as_deref() {
+                new_keys.push((key, head));
+            }
+            plan.push(Plan::Append(head));
+        }
+        Ok(Ok(plan))
+    }
+}
+
+struct Tables<'txn> {
+    events: redb::Table<'txn, u64, &'static [u8]>,
+    ids: redb::Table<'txn, &'static str, u64>,
+    keys: redb::Table<'txn, &'static str, u64>,
+}
+
+fn stored_ack(
+    events: &redb::Table<'_, u64, &'static [u8]>,
+    position: u64,
+) -> Result<PublishAck, StoreError> {
+    let bytes = events.get(position)?.ok_or_else(|| {
+        StoreError::new(format!("id index points at missing position {position}"))
+    })?;
+    let (record, _, hash) = StoredRecord::decode(bytes.value())?;
+    Ok(PublishAck {
+        position,
+        id: record.id.to_owned(),
+        hash: hash.to_hex(),
+        time: record.time(),
+        duplicate: true,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn draft(id: &str) -> Draft {
+        Draft {
+            id: id.into(),
+            event_type: "thing.happened".into(),
+            source: "test".into(),
+            key: None,
+            occurred_at_ns: None,
+            content_type: "application/json".into(),
+            data: b"{}".to_vec(),
+            expected_head: None,
+            expected_position: None,
+        }
+    }
+
+    fn chain_of(log: &Log) -> Vec<(u64, i64, ChainHash)> {
+        let mut out = Vec::new();
+        let mut prev = GENESIS_HASH;
+        log.scan(0, |record, hash| {
+            let mut canonical = Vec::new();
+            record.encode(&mut canonical);
+            assert_eq!(prev.next(&canonical), *hash, "chain at {}", record.position);
+            prev = *hash;
+            out.push((record.position, record.time_ns, *hash));
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn positions_are_gapless_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), 1 << 20).unwrap();
+        for i in 0..5 {
+            let acks = log
+                .append(vec![draft(&format!("a{i}")), draft(&format!("b{i}"))])
+                .await
+                .unwrap();
+            assert_eq!(acks[0].position, 2 * i + 1);
+            assert_eq!(acks[1].position, 2 * i + 2);
+        }
+        let tip = log.tip();
+        log.close().await;
+        drop(log);
+        let log = Log::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(log.tip(), tip);
+        let chain = chain_of(&log);
+        assert_eq!(chain.len(), 10);
+        assert!(chain.windows(2).all(|w| w[1].1 >= w[0].1), "time decreased");
+    }
+
+    #[tokio::test]
+    async fn duplicate_ids_inside_a_request_and_across_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), 1 << 20).unwrap();
+        let acks = log.append(vec![draft("x"), draft("x")]).await.unwrap();
+        assert_eq!(acks[0].position, 1);
+        assert_eq!((acks[1].position, acks[1].duplicate), (1, true));
+        let again = log.append(vec![draft("x")]).await.unwrap();
+        assert_eq!(again[0].hash, acks[0].hash);
+        assert!(again[0].duplicate);
+        assert_eq!(log.tip().position, 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_expectation_writes_nothing_of_its_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), 1 << 20).unwrap();
+        log.append(vec![draft("a")]).await.unwrap();
+        let mut bad = draft("c");
+        bad.expected_head = Some(7);
+        let err = log.append(vec![draft("b"), bad]).await.unwrap_err();
+        assert!(matches!(
+            err,
+            AppendError::Conflict {
+                index: 1,
+                current: 2,
+                expected: 7,
+                ..
+            }
+        ));
+        assert_eq!(log.tip().position, 1);
+        assert_eq!(chain_of(&log).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn key_expectations_see_earlier_events_of_the_same_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), 1 << 20).unwrap();
+        let mut first = draft("k1");
+        first.key = Some("acct".into());
+        first.expected_position = Some(0);
+        let mut second = draft("k2");
+        second.key = Some("acct".into());
+        second.expected_position = Some(1);
+        log.append(vec![first, second]).await.unwrap();
+        let mut stale = draft("k3");
+        stale.key = Some("acct".into());
+        stale.expected_position = Some(1);
+        let err = log.append(vec![stale]).await.unwrap_err();
+        assert!(matches!(err, AppendError::Conflict { current: 2, .. }));
+    }
+
+    #[tokio::test]
+    async fn time_search_finds_the_first_event_at_or_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), 1 << 20).unwrap();
+        for i in 0..20 {
+            log.append(vec![draft(&format!("t{i}"))]).await.unwrap();
+        }
+        let chain = chain_of(&log);
+        for &(position, time_ns, _) in &chain {
+            let first = chain.iter().find(|c| c.1 >= time_ns).unwrap().0;
+            assert_eq!(
+                log.first_at_or_after(time_ns).unwrap(),
+                first,
+                "at {position}"
+            );
+        }
+        assert_eq!(log.first_at_or_after(i64::MAX).unwrap(), 21);
+        assert_eq!(log.first_at_or_after(0).unwrap(), 1);
+    }
+}

@@ -1,0 +1,69 @@
+//! Counters the broker keeps for `/metrics` (Prometheus text format).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Upper bounds of the commit-latency histogram buckets, in seconds.
+const COMMIT_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0];
+
+/// The log's counters; one per broker.
+#[derive(Debug, Default)]
+pub struct LogMetrics {
+    events_appended: AtomicU64,
+    commits: AtomicU64,
+    commit_micros: AtomicU64,
+    commit_buckets: [AtomicU64; COMMIT_BUCKETS.len()],
+}
+
+impl LogMetrics {
+    /// Records one durable group commit of `events` new events.
+    pub(crate) fn record_commit(&self, took: Duration, events: u64) {
+        self.events_appended.fetch_add(events, Relaxed);
+        self.commits.fetch_add(1, Relaxed);
+        self.commit_micros
+            .fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Relaxed);
+        let secs = took.as_secs_f64();
+        for (bound, count) in COMMIT_BUCKETS.iter().zip(&self.commit_buckets) {
+            if secs <= *bound {
+                count.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Renders every metric, with the current head, in Prometheus text format.
+    pub(crate) fn render(&self, head: u64) -> String {
+        let mut out = String::with_capacity(2048);
+        let commits = self.commits.load(Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP lockstep_head_position Position of the last event in the log.\n\
+             # TYPE lockstep_head_position gauge\nlockstep_head_position {head}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP lockstep_events_appended_total Events appended since the broker started.\n\
+             # TYPE lockstep_events_appended_total counter\nlockstep_events_appended_total {}",
+            self.events_appended.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP lockstep_commit_seconds Duration of durable group commits.\n\
+             # TYPE lockstep_commit_seconds histogram"
+        );
+        for (bound, count) in COMMIT_BUCKETS.iter().zip(&self.commit_buckets) {
+            let _ = writeln!(
+                out,
+                "lockstep_commit_seconds_bucket{{le=\"{bound}\"}} {}",
+                count.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "lockstep_commit_seconds_bucket{{le=\"+Inf\"}} {commits}\n\
+             lockstep_commit_seconds_sum {}\nlockstep_commit_seconds_count {commits}",
+            self.commit_micros.load(Relaxed) as f64 / 1e6
+        );
+        out
+    }
+}

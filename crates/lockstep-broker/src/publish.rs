@@ -1,0 +1,263 @@
+//! The receiver: turns publish bodies (Lockstep's own JSON and CloudEvents) into checked drafts.
+//!
+//! Everything here is validation; nothing touches the log. A request that fails any check is
+//! refused whole, before the writer sees it.
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use lockstep_proto::names::validate_client_type;
+use lockstep_proto::record::{JSON_CONTENT_TYPE, is_json_content_type};
+use lockstep_proto::wire::{MAX_ID_LEN, NewEvent};
+
+use crate::error::PublishError;
+use crate::log::Draft;
+
+/// Most events one publish request may carry.
+pub const MAX_BATCH_EVENTS: usize = 10_000;
+
+/// Longest content type accepted, in bytes.
+const MAX_CONTENT_TYPE_LEN: usize = 128;
+
+/// Content type of binary data when the client names none.
+pub(crate) const OCTET_STREAM: &str = "application/octet-stream";
+
+/// Parses a body of Lockstep's own format: one event object or an array of them.
+pub fn parse_native(body: &[u8]) -> Result<Vec<Draft>, PublishError> {
+    let events: Vec<NewEvent> = match first_json_byte(body) {
+        Some(b'[') => serde_json::from_slice(body).map_err(invalid_json)?,
+        Some(b'{') => vec![serde_json::from_slice(body).map_err(invalid_json)?],
+        Some(_) => {
+            return Err(invalid_json_msg(
+                "the body must be one event object or a JSON array of them",
+            ));
+        }
+        None => return Err(invalid_json_msg("the body is empty")),
+    };
+    check_batch_size(events.len())?;
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(i, event)| draft(event).map_err(|e| e.at(i)))
+        .collect()
+}
+
+pub(crate) fn first_json_byte(body: &[u8]) -> Option<u8> {
+    body.iter().copied().find(|b| !b.is_ascii_whitespace())
+}
+
+pub(crate) fn check_batch_size(n: usize) -> Result<(), PublishError> {
+    if n == 0 {
+        return Err(PublishError::invalid("the batch is empty"));
+    }
+    if n > MAX_BATCH_EVENTS {
+        return Err(PublishError::invalid(format!(
+            "the batch has {n} events; the limit is {MAX_BATCH_EVENTS} per request"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn invalid_json(e: serde_json::Error) -> PublishError {
+    invalid_json_msg(format!("malformed event JSON: {e}"))
+}
+
+fn invalid_json_msg(message: impl Into<String>) -> PublishError {
+    PublishError::Invalid {
+        code: "invalid_json",
+        message: message.into(),
+        index: None,
+    }
+}
+
+/// Checks one event of Lockstep's own format and fills in its defaults.
+fn draft(event: NewEvent) -> Result<Draft, PublishError> {
+    let (content_type, data) = match (event.data, event.data_base64) {
+        (Some(_), Some(_)) => {
+            return Err(PublishError::invalid(
+                "give either data or data_base64, not both",
+            ));
+        }
+        (Some(json), None) => {
+            let content_type = event
+                .content_type
+                .unwrap_or_else(|| JSON_CONTENT_TYPE.to_owned());
+            if !is_json_content_type(&content_type) {
+                return Err(PublishError::invalid(format!(
+                    "content_type {content_type:?} is not JSON, so the data must come as data_base64"
+                )));
+            }
+            (content_type, json.get().as_bytes().to_vec())
+        }
+        (None, Some(b64)) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|e| PublishError::invalid(format!("data_base64 is not base64: {e}")))?;
+            let content_type = event
+                .content_type
+                .unwrap_or_else(|| OCTET_STREAM.to_owned());
+            if is_json_content_type(&content_type) {
+                return Err(PublishError::invalid(format!(
+                    "content_type {content_type:?} is JSON, so the data must come as data"
+                )));
+            }
+            (content_type, bytes)
+        }
+        (None, None) => (
+            event
+                .content_type
+                .unwrap_or_else(|| JSON_CONTENT_TYPE.to_owned()),
+            Vec::new(),
+        ),
+    };
+    Fields {
+        event_type: event.event_type,
+        id: event.id,
+        source: event.source,
+        key: event.key,
+        occurred_at: event.occurred_at,
+        content_type,
+        data,
+        expected_head: event.expected_head,
+        expected_position: event.expected_position,
+    }
+    .check()
+}
+
+/// An event's attributes whatever format they came in, before the common checks.
+pub(crate) struct Fields {
+    pub event_type: String,
+    pub id: Option<String>,
+    pub source: Option<String>,
+    pub key: Option<String>,
+    pub occurred_at: Option<DateTime<Utc>>,
+    pub content_type: String,
+    pub data: Vec<u8>,
+    pub expected_head: Option<u64>,
+    pub expected_position: Option<u64>,
+}
+
+impl Fields {
+    /// The checks every event passes, whatever format it came in.
+    pub(crate) fn check(self) -> Result<Draft, PublishError> {
+        validate_client_type(&self.event_type).map_err(|e| PublishError::invalid(e.to_string()))?;
+        let id = match self.id {
+            Some(id) => {
+                check_text("id", &id)?;
+                id
+            }
+            None => uuid::Uuid::now_v7().to_string(),
+        };
+        let source = self.source.unwrap_or_default();
+        if source.len() > MAX_ID_LEN {
+            return Err(PublishError::invalid(format!(
+                "source is {} bytes long; the limit is {MAX_ID_LEN}",
+                source.len()
+            )));
+        }
+        if let Some(key) = &self.key {
+            check_text("key", key)?;
+        }
+        if self.expected_position.is_some() && self.key.is_none() {
+            return Err(PublishError::invalid(
+                "expected_position needs a key: it is the position of the last event with that key",
+            ));
+        }
+        if self.content_type.len() > MAX_CONTENT_TYPE_LEN
+            || !self.content_type.bytes().all(|b| (0x20..0x7f).contains(&b))
+        {
+            return Err(PublishError::invalid(
+                "content_type must be printable ASCII of at most 128 bytes",
+            ));
+        }
+        let occurred_at_ns = self
+            .occurred_at
+            .map(|t| {
+                t.timestamp_nanos_opt().ok_or_else(|| {
+                    PublishError::invalid(format!(
+                        "occurred_at {t} is outside the years 1678..2262"
+                    ))
+                })
+            })
+            .transpose()?;
+        Ok(Draft {
+            id,
+            event_type: self.event_type,
+            source,
+            key: self.key,
+            occurred_at_ns,
+            content_type: self.content_type,
+            data: self.data,
+            expected_head: self.expected_head,
+            expected_position: self.expected_position,
+        })
+    }
+}
+
+fn check_text(what: &str, value: &str) -> Result<(), PublishError> {
+    if value.is_empty() {
+        return Err(PublishError::invalid(format!("{what} is empty")));
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(PublishError::invalid(format!(
+            "{what} is {} bytes long; the limit is {MAX_ID_LEN}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(body: &str) -> String {
+        parse_native(body.as_bytes()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn single_and_batch() {
+        let one = parse_native(br#"{"type":"a.b","data":{"x":1}}"#).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].data, br#"{"x":1}"#);
+        assert_eq!(one[0].content_type, JSON_CONTENT_TYPE);
+        let two = parse_native(br#" [{"type":"a.b","id":"1"},{"type":"a.c","id":"2"}]"#).unwrap();
+        assert_eq!((two[0].id.as_str(), two[1].id.as_str()), ("1", "2"));
+    }
+
+    #[test]
+    fn generated_ids_are_unique() {
+        let two = parse_native(br#"[{"type":"a.b"},{"type":"a.b"}]"#).unwrap();
+        assert_ne!(two[0].id, two[1].id);
+    }
+
+    #[test]
+    fn binary_data() {
+        let d = parse_native(br#"{"type":"a.b","data_base64":"AAEC"}"#).unwrap();
+        assert_eq!(d[0].data, [0, 1, 2]);
+        assert_eq!(d[0].content_type, OCTET_STREAM);
+    }
+
+    #[test]
+    fn refusals_name_the_problem() {
+        assert!(message("").contains("empty"));
+        assert!(message("[]").contains("empty"));
+        assert!(message("42").contains("object or a JSON array"));
+        assert!(message(r#"{"data":1}"#).contains("missing field `type`"));
+        assert!(message(r#"{"type":"a.b","colour":1}"#).contains("unknown field `colour`"));
+        assert!(message(r#"{"type":"A.b"}"#).contains("invalid segment"));
+        assert!(message(r#"{"type":"lockstep.barrier"}"#).contains("reserved"));
+        assert!(message(r#"{"type":"a.b","id":""}"#).contains("id is empty"));
+        assert!(message(r#"{"type":"a.b","expected_position":1}"#).contains("needs a key"));
+        assert!(message(r#"{"type":"a.b","data":1,"data_base64":"AA=="}"#).contains("not both"));
+        assert!(message(r#"{"type":"a.b","data_base64":"!!"}"#).contains("not base64"));
+        assert!(
+            message(r#"[{"type":"a.b"},{"type":"a..b"}]"#).starts_with("event 1:"),
+            "batch errors name the index"
+        );
+        let huge = format!(
+            "[{}]",
+            vec![r#"{"type":"a.b"}"#; MAX_BATCH_EVENTS + 1].join(",")
+        );
+        assert!(message(&huge).contains("limit is 10000"));
+    }
+}

@@ -1,0 +1,192 @@
+//! Reading the log: pages of events in order, by position or time, with long-polling.
+//!
+//! A page is rendered straight from redb into its JSON body, so memory per request is bounded by
+//! the page limits below, never by the log's length.
+
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use lockstep_proto::TypeFilter;
+use lockstep_proto::wire::write_event_json;
+use tokio::sync::watch;
+
+use crate::error::ReadError;
+use crate::log::Log;
+
+/// Most events one page may hold.
+pub const MAX_LIMIT: usize = 10_000;
+/// Events per page when the client names no limit.
+pub const DEFAULT_LIMIT: usize = 1_000;
+/// A page stops growing past this many bytes of JSON (it always holds at least one event).
+pub const MAX_PAGE_BYTES: usize = 8 << 20;
+/// Events one page may skip over because of a type filter before it is returned, so a sparse
+/// filter on a long log answers in bounded time; the client continues from `next_after`.
+pub const SCAN_BUDGET: usize = 100_000;
+/// Longest long-poll, in milliseconds.
+pub const MAX_WAIT_MS: u64 = 60_000;
+
+/// A validated read request.
+#[derive(Debug, Clone, Default)]
+pub struct ReadQuery {
+    /// Start after this position (0: from the beginning).
+    pub after: u64,
+    /// Most events to return.
+    pub limit: usize,
+    /// Which types to return.
+    pub filter: TypeFilter,
+    /// Start at the first event at or after this time (ns).
+    pub since_ns: Option<i64>,
+    /// Stop before the first event after this time (ns).
+    pub until_ns: Option<i64>,
+    /// How long to wait for a new event when there is none yet.
+    pub wait: Duration,
+}
+
+/// One page: the full JSON body of `GET /v1/events`.
+pub struct Page {
+    /// `{"events": [...], "head": H, "next_after": N}`.
+    pub body: Vec<u8>,
+    /// Events in the page.
+    pub count: usize,
+}
+
+/// Reads one page, waiting up to `query.wait` for an event if there is none yet. Returns early
+/// with what it has when `shutdown` turns true.
+pub async fn read_page(
+    log: &Log,
+    mut query: ReadQuery,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Page, ReadError> {
+    let head = log.tip().position;
+    if query.after > head {
+        return Err(ReadError::Invalid {
+            code: "after_past_head",
+            message: format!("after={} is past the head of the log ({head})", query.after),
+        });
+    }
+    if let Some(since) = query.since_ns {
+        let log = log.clone();
+        let first = blocking(move || log.first_at_or_after(since)).await??;
+        query.after = query.after.max(first - 1);
+    }
+    let deadline = Instant::now() + query.wait;
+    let mut tips = log.watch_tip();
+    loop {
+        // Marked seen before the scan: a commit landing during the scan wakes the wait below.
+        let tip = *tips.borrow_and_update();
+        let scan = {
+            let (log, query) = (log.clone(), query.clone());
+            blocking(move || scan_page(&log, &query, tip.position)).await??
+        };
+        let now = Instant::now();
+        if scan.count > 0 || scan.complete || scan.budget_spent || now >= deadline {
+            return Ok(scan.into_page(tip.position));
+        }
+        query.after = scan.next_after;
+        tokio::select! {
+            changed = tips.changed() => if changed.is_err() {
+                return Ok(scan.into_page(tip.position));
+            },
+            _ = tokio::time::sleep_until((deadline).into()) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(scan.into_page(tip.position)),
+        }
+    }
+}
+
+/// The JSON of the single event at `position`.
+pub async fn read_one(log: &Log, position: u64) -> Result<Vec<u8>, ReadError> {
+    let log = log.clone();
+    let found = blocking(move || {
+        log.get(position, |record, hash| {
+            let mut out = Vec::with_capacity(512);
+            write_event_json(&mut out, record, hash);
+            out
+        })
+    })
+    .await??;
+    found.ok_or(ReadError::NotFound(position))
+}
+
+struct Scan {
+    events: Vec<u8>,
+    count: usize,
+    next_after: u64,
+    complete: bool,
+    budget_spent: bool,
+}
+
+impl Scan {
+    fn into_page(self, head: u64) -> Page {
+        let mut body = Vec::with_capacity(self.events.len() + 80);
+        body.extend_from_slice(b"{\"events\":[");
+        body.extend_from_slice(&self.events);
+        body.extend_from_slice(
+            format!("],\"head\":{head},\"next_after\":{}", self.next_after).as_bytes(),
+        );
+        if self.complete {
+            body.extend_from_slice(b",\"complete\":true");
+        }
+        body.push(b'}');
+        Page {
+            body,
+            count: self.count,
+        }
+    }
+}
+
+fn scan_page(log: &Log, query: &ReadQuery, head: u64) -> Result<Scan, ReadError> {
+    let mut events = Vec::with_capacity(64 * 1024);
+    let mut count = 0;
+    let mut scanned = 0;
+    let mut next_after = query.after;
+    let mut passed_until = false;
+    let filter_all = query.filter.is_all();
+    log.scan(query.after, |record, hash| {
+        if record.position > head {
+            // Committed after this page's head was taken: leave it for the next page.
+            return ControlFlow::Break(());
+        }
+        if query.until_ns.is_some_and(|until| record.time_ns > until) {
+            passed_until = true;
+            return ControlFlow::Break(());
+        }
+        scanned += 1;
+        if filter_all || query.filter.matches(record.event_type) {
+            if count > 0 {
+                events.push(b',');
+            }
+            write_event_json(&mut events, record, hash);
+            count += 1;
+        }
+        next_after = record.position;
+        if count >= query.limit || events.len() >= MAX_PAGE_BYTES || scanned >= SCAN_BUDGET {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })?;
+    // Broker times never decrease, so once `until` is behind the clock no future event matches.
+    let until_behind_clock = query.until_ns.is_some_and(|until| {
+        next_after == head
+            && chrono::Utc::now()
+                .timestamp_nanos_opt()
+                .is_some_and(|now| now > until)
+    });
+    Ok(Scan {
+        events,
+        count,
+        next_after,
+        complete: passed_until || until_behind_clock,
+        budget_spent: scanned >= SCAN_BUDGET,
+    })
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ReadError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        ReadError::Store(crate::error::StoreError::new(format!(
+            "read task failed: {e}"
+        )))
+    })
+}
