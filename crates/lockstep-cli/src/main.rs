@@ -1,1 +1,73 @@
-fn main() {}
+//! `lockstep`: runs the broker (`serve`) and drives it from a terminal.
+//!
+//! A thin binary: it parses flags, sets up tracing and calls the libraries. Every client command
+//! finds the broker by `--url` (env `LOCKSTEP_URL`, default `http://127.0.0.1:7700`) and prints
+//! JSON with `--json`. Errors print one line and exit non-zero.
+
+mod bench;
+mod client_cmds;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Where client commands look for the broker when neither `--url` nor `LOCKSTEP_URL` is set.
+pub const DEFAULT_URL: &str = "http://127.0.0.1:7700";
+
+#[derive(Parser)]
+#[command(name = "lockstep", version, about = "Lockstep: a durable, ordered event log that keeps replicas in step")]
+struct Cli {
+    /// Broker URL for client commands [default: http://127.0.0.1:7700]
+    #[arg(long, global = true, env = "LOCKSTEP_URL")]
+    url: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve(serve::ServeArgs),
+    /// Publish one event, or a JSON file of events.
+    Publish(client_cmds::PublishArgs),
+    /// Print events from the log, optionally following new ones.
+    Tail(client_cmds::TailArgs),
+    /// Print the log's head: last position, its hash and time.
+    Head,
+    /// Measure the broker: publish throughput and latency, catch-up reads.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let url = cli.url.clone();
+    let client_url = || url.clone().unwrap_or_else(|| DEFAULT_URL.to_owned());
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Publish(args) => client_cmds::publish(&client_url(), cli.json, args).await,
+            Command::Tail(args) => client_cmds::tail(&client_url(), cli.json, args).await,
+            Command::Head => client_cmds::head(&client_url(), cli.json).await,
+            Command::Bench(command) => bench::run(cli.url.as_deref(), cli.json, command).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

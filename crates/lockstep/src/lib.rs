@@ -1,1 +1,27 @@
-//! placeholder
+//! The Lockstep SDK: what a service links to publish events to a Lockstep broker and read its log.
+//!
+//! - [`Client`]: a cheap-to-clone HTTP handle for publishing, reading and the head.
+//! - [`ClientError`]: what went wrong, and whether retrying can help.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), lockstep::ClientError> {
+//! use lockstep::{Client, NewEvent, ReadRequest};
+//!
+//! let client = Client::new("http://127.0.0.1:7700")?;
+//! let ack = client
+//!     .publish_one(&NewEvent::json("account.opened", &serde_json::json!({"owner": "ann"}))?)
+//!     .await?;
+//! println!("stored at {} with hash {}", ack.position, ack.hash);
+//!
+//! let page = client.read(&ReadRequest::after(0).types("account.*")).await?;
+//! for event in page.events {
+//!     println!("{} {}", event.position, event.event_type);
+//! }
+//! # Ok(()) }
+//! ```
+
+mod client;
+
+pub use client::{Client, ClientError, ReadRequest};
+pub use lockstep_proto::wire::{Event, Head, NewEvent, PublishAck, ReadResponse};
+pub use lockstep_proto::{ChainHash, GENESIS_HASH};

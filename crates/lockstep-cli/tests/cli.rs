@@ -1,0 +1,123 @@
+//! The `lockstep` command against a real broker process: publish, tail, head, and one-line errors.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Output;
+
+use common::{BrokerProcess, lockstep};
+
+fn run(url: &str, args: &[&str]) -> Output {
+    lockstep().arg("--url").arg(url).args(args).output().unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// A failed command prints exactly one line, starting with "error:", and exits non-zero.
+fn assert_one_line_error(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "expected failure");
+    let err = String::from_utf8(out.stderr.clone()).unwrap();
+    assert_eq!(err.lines().count(), 1, "one line, got: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn publish_tail_and_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let url = broker.url.as_str();
+
+    let out = run(url, &["--json", "publish", "account.opened", r#"{"owner":"ann"}"#, "--key", "a1", "--id", "e1"]);
+    assert!(out.status.success(), "{out:?}");
+    let acks: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(acks[0]["position"], 1);
+
+    let out = run(url, &["publish", "funds.deposited", r#"{"amount":5}"#, "--key", "a1", "--expected-position", "1"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).starts_with("position 2 "), "{}", stdout(&out));
+
+    // Same id again: the original position, marked as already stored.
+    let out = run(url, &["publish", "account.opened", "{}", "--id", "e1"]);
+    assert!(stdout(&out).contains("position 1 ") && stdout(&out).contains("already stored"));
+
+    let file = dir.path().join("events.json");
+    std::fs::write(&file, r#"[{"type":"account.opened","key":"b"},{"type":"account.closed","key":"b"}]"#).unwrap();
+    let out = run(url, &["publish", "--file", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out).lines().count(), 2);
+
+    let out = run(url, &["--json", "tail"]);
+    let lines: Vec<serde_json::Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(lines[1]["type"], "funds.deposited");
+    assert_eq!(lines[1]["data"]["amount"], 5);
+
+    let out = run(url, &["tail", "--types", "account.*", "--after", "1"]);
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(text.lines().all(|l| l.contains("account.")));
+
+    let out = run(url, &["tail", "-n", "1"]);
+    assert_eq!(stdout(&out).lines().count(), 1);
+
+    let out = run(url, &["--json", "head"]);
+    let head: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(head["position"], 4);
+    assert_eq!(head["hash"], lines[3]["hash"]);
+    broker.terminate();
+}
+
+#[test]
+fn errors_are_one_line_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let url = broker.url.as_str();
+
+    assert_one_line_error(&run(url, &["publish", "Account.Opened", "{}"]), "invalid segment");
+    assert_one_line_error(&run(url, &["publish", "lockstep.barrier"]), "reserved");
+    assert_one_line_error(&run(url, &["publish", "a.b", "not json"]), "DATA is not JSON");
+    assert_one_line_error(&run(url, &["publish", "a.b", "--expected-head", "9"]), "expected_head is 9");
+    assert_one_line_error(&run(url, &["tail", "--types", "A.B"]), "invalid segment");
+    assert_one_line_error(&run(url, &["tail", "--after", "99"]), "past the head");
+    assert_one_line_error(&run(url, &["publish", "--file", "/nonexistent/x.json"]), "reading /nonexistent/x.json");
+    let out = run(url, &["--json", "head"]);
+    let head: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(head["position"], 0, "nothing was written");
+
+    assert_one_line_error(&run("http://127.0.0.1:1", &["head"]), "unreachable");
+    let out = lockstep()
+        .args(["serve", "--config", "/nonexistent/lockstep.toml"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "reading config file");
+    broker.terminate();
+}
+
+#[test]
+fn serve_settings_come_from_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("from-config");
+    let config = dir.path().join("lockstep.toml");
+    std::fs::write(&config, format!("data_dir = {:?}\nmax_body_bytes = 100\n", data)).unwrap();
+    let mut child = lockstep()
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !data.join("log.redb").exists() {
+        assert!(std::time::Instant::now() < deadline, "config file's data_dir not used");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    std::fs::write(&config, "colour = \"red\"\n").unwrap();
+    let out = lockstep().args(["serve", "--config"]).arg(&config).output().unwrap();
+    assert_one_line_error(&out, "colour");
+}
