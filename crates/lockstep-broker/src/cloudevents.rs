@@ -260,12 +260,12 @@ mod tests {
             "subject":"acct-1","time":"2026-11-01T10:00:00Z","data":{"owner":"ann"},
             "expectedposition":"0"}"#;
         let d = &parse_structured(body).unwrap()[0];
-        assert_eq!(d.id, "e1");
-        assert_eq!(d.source, "/bank");
-        assert_eq!(d.key.as_deref(), Some("acct-1"));
-        assert_eq!(d.data, br#"{"owner":"ann"}"#);
-        assert_eq!(d.expected_position, Some(0));
-        assert!(d.occurred_at_ns.is_some());
+        assert_eq!(d.id(), "e1");
+        assert_eq!(d.record().unwrap().source, "/bank");
+        assert_eq!(d.record().unwrap().key, Some("acct-1"));
+        assert_eq!(d.record().unwrap().data, br#"{"owner":"ann"}"#);
+        assert_eq!(d.expectations().1, Some(0));
+        assert!(d.record().unwrap().occurred_at_ns.is_some());
     }
 
     #[test]
@@ -273,8 +273,8 @@ mod tests {
         let body = br#"{"specversion":"1.0","id":"e1","source":"s","type":"note.taken",
             "datacontenttype":"text/plain","data":"hello"}"#;
         let d = &parse_structured(body).unwrap()[0];
-        assert_eq!(d.data, b"hello");
-        assert_eq!(d.content_type, "text/plain");
+        assert_eq!(d.record().unwrap().data, b"hello");
+        assert_eq!(d.record().unwrap().content_type, "text/plain");
     }
 
     #[test]
@@ -282,7 +282,7 @@ mod tests {
         let ok = br#"[{"specversion":"1.0","id":"1","source":"s","type":"a.b"},
                       {"specversion":"1.0","id":"2","source":"s","type":"a.c","data_base64":"AAE="}]"#;
         let d = parse_batch(ok).unwrap();
-        assert_eq!(d[1].data, [0, 1]);
+        assert_eq!(d[1].record().unwrap().data, [0, 1]);
         let err = |body: &[u8]| parse_batch(body).unwrap_err().to_string();
         assert!(
             err(br#"[{"specversion":"0.3","id":"1","source":"s","type":"a.b"}]"#).contains("0.3")
@@ -312,10 +312,13 @@ mod tests {
         }
         assert!(is_binary(&h));
         let d = &parse_binary(&h, Some("application/json"), br#"{"a":1}"#).unwrap()[0];
-        assert_eq!((d.source.as_str(), d.expected_head), ("/bank", Some(0)));
+        assert_eq!(
+            (d.record().unwrap().source, d.expectations().0),
+            ("/bank", Some(0))
+        );
         assert!(parse_binary(&h, Some("application/json"), b"{nope").is_err());
         let bin = &parse_binary(&h, Some("image/png"), &[137, 80]).unwrap()[0];
-        assert_eq!(bin.data, [137, 80]);
+        assert_eq!(bin.record().unwrap().data, [137, 80]);
         h.insert("ce-colour", HeaderValue::from_static("red"));
         assert!(
             parse_binary(&h, None, b"")

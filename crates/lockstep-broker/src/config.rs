@@ -54,12 +54,10 @@ impl Config {
     /// Parses a TOML config file's text. The error is one line, naming the line at fault.
     pub fn from_toml(text: &str) -> Result<Self, String> {
         toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|span| {
-                    let before = &text.as_bytes()[..span.start.min(text.len())];
-                    1 + before.iter().filter(|&&b| b == b'\n').count()
-                });
+            let line = e.span().map(|span| {
+                let before = &text.as_bytes()[..span.start.min(text.len())];
+                1 + before.iter().filter(|&&b| b == b'\n').count()
+            });
             let message = e.message().trim().replace('\n', "; ");
             match line {
                 Some(line) => format!("line {line}: {message}"),

@@ -14,6 +14,7 @@
 //! and commits it durably (fsync) before answering any of them: concurrent publishers share a
 //! commit, so throughput grows with concurrency while each caller still waits for durability.
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
@@ -38,27 +39,72 @@ const QUEUE_CAPACITY: usize = 4096;
 /// Most events one group commit takes; a larger backlog is split over several commits.
 const MAX_GROUP_EVENTS: usize = 20_000;
 
-/// An event checked and ready to append: the broker adds position, time and hash.
+/// An event checked and ready to append. Its canonical bytes are encoded by the request's own
+/// task, with position and time left zero: the writer only stamps those, hashes and inserts, so
+/// the one thread every publish goes through does as little as possible.
 #[derive(Debug, Clone)]
 pub struct Draft {
-    /// Dedup key (generated upstream when the client gave none).
-    pub id: String,
-    /// Validated event type.
-    pub event_type: String,
-    /// Publishing service.
-    pub source: String,
-    /// Entity key.
-    pub key: Option<String>,
-    /// The client's time, ns since the epoch.
-    pub occurred_at_ns: Option<i64>,
-    /// Content type of `data`.
-    pub content_type: String,
-    /// Payload bytes.
-    pub data: Vec<u8>,
-    /// Append only if the head is here just before this event.
-    pub expected_head: Option<u64>,
-    /// Append only if the last event with `key` is here (0: none).
-    pub expected_position: Option<u64>,
+    id: String,
+    id_generated: bool,
+    key: Option<String>,
+    expected_head: Option<u64>,
+    expected_position: Option<u64>,
+    /// Canonical bytes with position and time zero, with capacity for the chain hash after them.
+    canonical: Vec<u8>,
+}
+
+impl Draft {
+    /// Encodes `record` (its position and time are ignored) for appending.
+    ///
+    /// `id_generated` says the broker made `record.id` up (a fresh UUIDv7), so the dedup lookup
+    /// can be skipped. `expected_head` and `expected_position` are the optimistic-concurrency
+    /// checks; `expected_position` applies to `record.key`.
+    pub fn new(
+        record: &RecordRef<'_>,
+        id_generated: bool,
+        expected_head: Option<u64>,
+        expected_position: Option<u64>,
+    ) -> Self {
+        let record = RecordRef {
+            position: 0,
+            time_ns: 0,
+            ..*record
+        };
+        let mut canonical = Vec::with_capacity(record.encoded_len() + 32);
+        record.encode(&mut canonical);
+        Self {
+            id: record.id.to_owned(),
+            id_generated,
+            key: record.key.map(str::to_owned),
+            expected_head,
+            expected_position,
+            canonical,
+        }
+    }
+
+    /// The event as encoded (position and time still zero).
+    pub fn record(&self) -> Result<RecordRef<'_>, StoreError> {
+        Ok(RecordRef::decode(&self.canonical)?)
+    }
+
+    /// The event's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The optimistic-concurrency checks: (`expected_head`, `expected_position`).
+    pub fn expectations(&self) -> (Option<u64>, Option<u64>) {
+        (self.expected_head, self.expected_position)
+    }
+}
+
+/// What the writer did with one event; turned into a [`PublishAck`] by the caller's task.
+#[derive(Debug, Clone, Copy)]
+struct Appended {
+    position: u64,
+    hash: ChainHash,
+    time_ns: i64,
+    duplicate: bool,
 }
 
 /// The last committed event: what `GET /v1/head` shows and what long-polls wait on.
@@ -80,7 +126,8 @@ impl Tip {
     };
 }
 
-type Reply = oneshot::Sender<Result<Vec<PublishAck>, AppendError>>;
+/// The writer's answer; the drafts travel back so their memory is freed off the writer thread.
+type Reply = oneshot::Sender<(Vec<Draft>, Result<Vec<Appended>, AppendError>)>;
 
 enum Command {
     Append { drafts: Vec<Draft>, reply: Reply },
@@ -122,7 +169,6 @@ impl Log {
             db: Arc::clone(&db),
             tip,
             published: tip_tx,
-            buf: Vec::with_capacity(4096),
             metrics: Arc::clone(&metrics),
         };
         let writer = std::thread::Builder::new()
@@ -145,7 +191,19 @@ impl Log {
             .send(Command::Append { drafts, reply })
             .await
             .map_err(|_| AppendError::Closed)?;
-        answer.await.map_err(|_| AppendError::Closed)?
+        let (drafts, appended) = answer.await.map_err(|_| AppendError::Closed)?;
+        let appended = appended?;
+        Ok(drafts
+            .into_iter()
+            .zip(appended)
+            .map(|(draft, a)| PublishAck {
+                position: a.position,
+                id: draft.id,
+                hash: a.hash.to_hex(),
+                time: chrono::DateTime::from_timestamp_nanos(a.time_ns),
+                duplicate: a.duplicate,
+            })
+            .collect())
     }
 
     /// The last committed event.
@@ -263,14 +321,13 @@ struct Writer {
     /// Tip including the commits of the group being built; equals the committed tip between groups.
     tip: Tip,
     published: watch::Sender<Tip>,
-    buf: Vec<u8>,
     metrics: Arc<LogMetrics>,
 }
 
 /// What one event of a request turns into, decided before anything of the request is written.
 enum Plan {
     /// Already stored: answer with the original.
-    Stored(PublishAck),
+    Stored(Appended),
     /// Same id as an earlier event of this request: answer with that one's ack.
     SameAs(usize),
     /// Append at this position.
@@ -304,8 +361,8 @@ impl Writer {
         }
         queue.close();
         while let Ok(command) = queue.try_recv() {
-            if let Command::Append { reply, .. } = command {
-                let _ = reply.send(Err(AppendError::Closed));
+            if let Command::Append { drafts, reply } = command {
+                let _ = reply.send((drafts, Err(AppendError::Closed)));
             }
         }
         tracing::debug!("log writer stopped");
@@ -319,15 +376,15 @@ impl Writer {
                 self.published.send_replace(self.tip);
                 self.metrics
                     .record_commit(started.elapsed(), self.tip.position - before.position);
-                for ((_, reply), result) in group.drain(..).zip(results) {
-                    let _ = reply.send(result);
+                for ((drafts, reply), result) in group.drain(..).zip(results) {
+                    let _ = reply.send((drafts, result));
                 }
             }
             Err(err) => {
                 tracing::error!(error = %err, "log commit failed; the group's publishes are refused");
                 self.tip = before;
-                for (_, reply) in group.drain(..) {
-                    let _ = reply.send(Err(AppendError::Storage(err.clone())));
+                for (drafts, reply) in group.drain(..) {
+                    let _ = reply.send((drafts, Err(AppendError::Storage(err.clone()))));
                 }
             }
         }
@@ -337,8 +394,8 @@ impl Writer {
     /// its own checks gets its error and writes nothing; the others are unaffected.
     fn write_group(
         &mut self,
-        group: &[(Vec<Draft>, Reply)],
-    ) -> Result<Vec<Result<Vec<PublishAck>, AppendError>>, StoreError> {
+        group: &mut [(Vec<Draft>, Reply)],
+    ) -> Result<Vec<Result<Vec<Appended>, AppendError>>, StoreError> {
         let txn = self.db.begin_write()?;
         let mut results = Vec::with_capacity(group.len());
         {
@@ -348,7 +405,7 @@ impl Writer {
                 keys: txn.open_table(KEY_HEADS)?,
             };
             let now = Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
-            for (drafts, _) in group {
+            for (drafts, _) in group.iter_mut() {
                 results.push(self.apply(&mut tables, now, drafts)?);
             }
         }
@@ -360,38 +417,27 @@ impl Writer {
         &mut self,
         tables: &mut Tables<'_>,
         now: i64,
-        drafts: &[Draft],
-    ) -> Result<Result<Vec<PublishAck>, AppendError>, StoreError> {
+        drafts: &mut [Draft],
+    ) -> Result<Result<Vec<Appended>, AppendError>, StoreError> {
         let plan = match self.plan(tables, drafts)? {
             Ok(plan) => plan,
             Err(conflict) => return Ok(Err(conflict)),
         };
-        let mut acks: Vec<PublishAck> = Vec::with_capacity(drafts.len());
-        for (draft, step) in drafts.iter().zip(plan) {
-            let ack = match step {
-                Plan::Stored(ack) => ack,
-                Plan::SameAs(index) => PublishAck {
+        let mut appended: Vec<Appended> = Vec::with_capacity(drafts.len());
+        for (draft, step) in drafts.iter_mut().zip(plan) {
+            let outcome = match step {
+                Plan::Stored(stored) => stored,
+                Plan::SameAs(index) => Appended {
                     duplicate: true,
-                    ..acks[index].clone()
+                    ..appended[index]
                 },
                 Plan::Append(position) => {
                     debug_assert_eq!(position, self.tip.position + 1);
-                    let record = RecordRef {
-                        position,
-                        time_ns: now.max(self.tip.time_ns),
-                        id: &draft.id,
-                        event_type: &draft.event_type,
-                        source: &draft.source,
-                        key: draft.key.as_deref(),
-                        occurred_at_ns: draft.occurred_at_ns,
-                        content_type: &draft.content_type,
-                        data: &draft.data,
-                    };
-                    self.buf.clear();
-                    record.encode(&mut self.buf);
-                    let hash = self.tip.hash.next(&self.buf);
-                    self.buf.extend_from_slice(&hash.0);
-                    tables.events.insert(position, self.buf.as_slice())?;
+                    let time_ns = now.max(self.tip.time_ns);
+                    RecordRef::stamp(&mut draft.canonical, position, time_ns)?;
+                    let hash = self.tip.hash.next(&draft.canonical);
+                    draft.canonical.extend_from_slice(&hash.0);
+                    tables.events.insert(position, draft.canonical.as_slice())?;
                     tables.ids.insert(draft.id.as_str(), position)?;
                     if let Some(key) = &draft.key {
                         tables.keys.insert(key.as_str(), position)?;
@@ -399,20 +445,19 @@ impl Writer {
                     self.tip = Tip {
                         position,
                         hash,
-                        time_ns: record.time_ns,
+                        time_ns,
                     };
-                    PublishAck {
+                    Appended {
                         position,
-                        id: draft.id.clone(),
-                        hash: hash.to_hex(),
-                        time: record.time(),
+                        hash,
+                        time_ns,
                         duplicate: false,
                     }
                 }
             };
-            acks.push(ack);
+            appended.push(outcome);
         }
-        Ok(Ok(acks))
+        Ok(Ok(appended))
     }
 
     /// Decides each event's fate and checks every expectation before anything is written, so a
@@ -424,16 +469,19 @@ impl Writer {
     ) -> Result<Result<Vec<Plan>, AppendError>, StoreError> {
         let mut plan = Vec::with_capacity(drafts.len());
         let mut head = self.tip.position;
-        // Ids and key heads of this request's own new events; tiny maps, linear search is fine.
-        let mut new_ids: Vec<(&str, usize)> = Vec::new();
-        let mut new_keys: Vec<(&str, u64)> = Vec::new();
+        // Client-given ids and key heads of this request's own new events.
+        let mut new_ids: HashMap<&str, usize> = HashMap::new();
+        let mut new_keys: HashMap<&str, u64> = HashMap::new();
         for (index, draft) in drafts.iter().enumerate() {
-            if let Some(position) = tables.ids.get(draft.id.as_str())? {
-                plan.push(Plan::Stored(stored_ack(&tables.events, position.value())?));
+            if let Some(&first) = new_ids.get(draft.id.as_str()) {
+                plan.push(Plan::SameAs(first));
                 continue;
             }
-            if let Some(&(_, first)) = new_ids.iter().find(|(id, _)| *id == draft.id) {
-                plan.push(Plan::SameAs(first));
+            // A broker-generated id (a fresh UUIDv7) cannot be stored yet: skip the lookup.
+            if !draft.id_generated
+                && let Some(position) = tables.ids.get(draft.id.as_str())?
+            {
+                plan.push(Plan::Stored(stored_ack(&tables.events, position.value())?));
                 continue;
             }
             if let Some(expected) = draft.expected_head
@@ -447,8 +495,8 @@ impl Writer {
                 }));
             }
             if let (Some(expected), Some(key)) = (draft.expected_position, draft.key.as_deref()) {
-                let current = match new_keys.iter().rev().find(|(k, _)| *k == key) {
-                    Some(&(_, position)) => position,
+                let current = match new_keys.get(key) {
+                    Some(&position) => position,
                     None => tables.keys.get(key)?.map_or(0, |p| p.value()),
                 };
                 if expected != current {
@@ -461,9 +509,11 @@ impl Writer {
                 }
             }
             head += 1;
-            new_ids.push((&draft.id, index));
+            if !draft.id_generated {
+                new_ids.insert(&draft.id, index);
+            }
             if let Some(key) = draft.key.as_deref() {
-                new_keys.push((key, head));
+                new_keys.insert(key, head);
             }
             plan.push(Plan::Append(head));
         }
@@ -480,16 +530,15 @@ struct Tables<'txn> {
 fn stored_ack(
     events: &redb::Table<'_, u64, &'static [u8]>,
     position: u64,
-) -> Result<PublishAck, StoreError> {
+) -> Result<Appended, StoreError> {
     let bytes = events.get(position)?.ok_or_else(|| {
         StoreError::new(format!("id index points at missing position {position}"))
     })?;
     let (record, _, hash) = StoredRecord::decode(bytes.value())?;
-    Ok(PublishAck {
+    Ok(Appended {
         position,
-        id: record.id.to_owned(),
-        hash: hash.to_hex(),
-        time: record.time(),
+        hash,
+        time_ns: record.time_ns,
         duplicate: true,
     })
 }
@@ -499,17 +548,27 @@ mod tests {
     use super::*;
 
     fn draft(id: &str) -> Draft {
-        Draft {
-            id: id.into(),
-            event_type: "thing.happened".into(),
-            source: "test".into(),
-            key: None,
+        draft_with(id, None, None, None)
+    }
+
+    fn draft_with(
+        id: &str,
+        key: Option<&str>,
+        expected_head: Option<u64>,
+        expected_position: Option<u64>,
+    ) -> Draft {
+        let record = RecordRef {
+            position: 0,
+            time_ns: 0,
+            id,
+            event_type: "thing.happened",
+            source: "test",
+            key,
             occurred_at_ns: None,
-            content_type: "application/json".into(),
-            data: b"{}".to_vec(),
-            expected_head: None,
-            expected_position: None,
-        }
+            content_type: "application/json",
+            data: b"{}",
+        };
+        Draft::new(&record, false, expected_head, expected_position)
     }
 
     fn chain_of(log: &Log) -> Vec<(u64, i64, ChainHash)> {
@@ -567,8 +626,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = Log::open(dir.path(), 1 << 20).unwrap();
         log.append(vec![draft("a")]).await.unwrap();
-        let mut bad = draft("c");
-        bad.expected_head = Some(7);
+        let bad = draft_with("c", None, Some(7), None);
         let err = log.append(vec![draft("b"), bad]).await.unwrap_err();
         assert!(matches!(
             err,
@@ -587,16 +645,10 @@ mod tests {
     async fn key_expectations_see_earlier_events_of_the_same_request() {
         let dir = tempfile::tempdir().unwrap();
         let log = Log::open(dir.path(), 1 << 20).unwrap();
-        let mut first = draft("k1");
-        first.key = Some("acct".into());
-        first.expected_position = Some(0);
-        let mut second = draft("k2");
-        second.key = Some("acct".into());
-        second.expected_position = Some(1);
+        let first = draft_with("k1", Some("acct"), None, Some(0));
+        let second = draft_with("k2", Some("acct"), None, Some(1));
         log.append(vec![first, second]).await.unwrap();
-        let mut stale = draft("k3");
-        stale.key = Some("acct".into());
-        stale.expected_position = Some(1);
+        let stale = draft_with("k3", Some("acct"), None, Some(1));
         let err = log.append(vec![stale]).await.unwrap_err();
         assert!(matches!(err, AppendError::Conflict { current: 2, .. }));
     }

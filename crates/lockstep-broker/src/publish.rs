@@ -6,7 +6,7 @@
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use lockstep_proto::names::validate_client_type;
-use lockstep_proto::record::{JSON_CONTENT_TYPE, is_json_content_type};
+use lockstep_proto::record::{JSON_CONTENT_TYPE, RecordRef, is_json_content_type};
 use lockstep_proto::wire::{MAX_ID_LEN, NewEvent};
 
 use crate::error::PublishError;
@@ -140,6 +140,7 @@ impl Fields {
     /// The checks every event passes, whatever format it came in.
     pub(crate) fn check(self) -> Result<Draft, PublishError> {
         validate_client_type(&self.event_type).map_err(|e| PublishError::invalid(e.to_string()))?;
+        let id_generated = self.id.is_none();
         let id = match self.id {
             Some(id) => {
                 check_text("id", &id)?;
@@ -179,17 +180,23 @@ impl Fields {
                 })
             })
             .transpose()?;
-        Ok(Draft {
-            id,
-            event_type: self.event_type,
-            source,
-            key: self.key,
+        let record = RecordRef {
+            position: 0,
+            time_ns: 0,
+            id: &id,
+            event_type: &self.event_type,
+            source: &source,
+            key: self.key.as_deref(),
             occurred_at_ns,
-            content_type: self.content_type,
-            data: self.data,
-            expected_head: self.expected_head,
-            expected_position: self.expected_position,
-        })
+            content_type: &self.content_type,
+            data: &self.data,
+        };
+        Ok(Draft::new(
+            &record,
+            id_generated,
+            self.expected_head,
+            self.expected_position,
+        ))
     }
 }
 
@@ -218,23 +225,23 @@ mod tests {
     fn single_and_batch() {
         let one = parse_native(br#"{"type":"a.b","data":{"x":1}}"#).unwrap();
         assert_eq!(one.len(), 1);
-        assert_eq!(one[0].data, br#"{"x":1}"#);
-        assert_eq!(one[0].content_type, JSON_CONTENT_TYPE);
+        assert_eq!(one[0].record().unwrap().data, br#"{"x":1}"#);
+        assert_eq!(one[0].record().unwrap().content_type, JSON_CONTENT_TYPE);
         let two = parse_native(br#" [{"type":"a.b","id":"1"},{"type":"a.c","id":"2"}]"#).unwrap();
-        assert_eq!((two[0].id.as_str(), two[1].id.as_str()), ("1", "2"));
+        assert_eq!((two[0].id(), two[1].id()), ("1", "2"));
     }
 
     #[test]
     fn generated_ids_are_unique() {
         let two = parse_native(br#"[{"type":"a.b"},{"type":"a.b"}]"#).unwrap();
-        assert_ne!(two[0].id, two[1].id);
+        assert_ne!(two[0].id(), two[1].id());
     }
 
     #[test]
     fn binary_data() {
         let d = parse_native(br#"{"type":"a.b","data_base64":"AAEC"}"#).unwrap();
-        assert_eq!(d[0].data, [0, 1, 2]);
-        assert_eq!(d[0].content_type, OCTET_STREAM);
+        assert_eq!(d[0].record().unwrap().data, [0, 1, 2]);
+        assert_eq!(d[0].record().unwrap().content_type, OCTET_STREAM);
     }
 
     #[test]

@@ -22,6 +22,12 @@ pub enum BenchCommand {
         /// Bytes of JSON data per event.
         #[arg(long, default_value_t = 200)]
         payload: usize,
+        /// Run one scenario with this many concurrent clients instead of the standard set.
+        #[arg(long, requires = "batch")]
+        clients: Option<usize>,
+        /// Events per request of that one scenario.
+        #[arg(long, requires = "clients")]
+        batch: Option<usize>,
     },
     /// Catch-up reads: events/s reading a long log from the beginning, with memory samples.
     Read {
@@ -49,7 +55,10 @@ pub async fn run(url: Option<&str>, json: bool, command: BenchCommand) -> anyhow
     };
     if !json {
         match &embedded {
-            Some(e) => eprintln!("embedded broker at {url}, data in {}", e.dir.path().display()),
+            Some(e) => eprintln!(
+                "embedded broker at {url}, data in {}",
+                e.dir.path().display()
+            ),
             None => eprintln!("broker at {url}"),
         }
     }
@@ -59,8 +68,24 @@ pub async fn run(url: Option<&str>, json: bool, command: BenchCommand) -> anyhow
         .await
         .with_context(|| format!("no broker answers at {url}"))?;
     match command {
-        BenchCommand::Publish { seconds, payload } => {
-            publish_bench(&client, Duration::from_secs(seconds), payload, json).await
+        BenchCommand::Publish {
+            seconds,
+            payload,
+            clients,
+            batch,
+        } => {
+            let scenarios = match (clients, batch) {
+                (Some(clients), Some(batch)) => vec![(clients.max(1), batch.max(1))],
+                _ => STANDARD_SCENARIOS.to_vec(),
+            };
+            publish_bench(
+                &client,
+                &scenarios,
+                Duration::from_secs(seconds),
+                payload,
+                json,
+            )
+            .await
         }
         BenchCommand::Read {
             events,
@@ -81,7 +106,8 @@ struct Embedded {
 impl Embedded {
     fn start() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir().context("creating a temporary data directory")?;
-        let broker = lockstep_broker::Broker::open(lockstep_broker::Config::with_data_dir(dir.path()))?;
+        let broker =
+            lockstep_broker::Broker::open(lockstep_broker::Config::with_data_dir(dir.path()))?;
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let url = format!("http://{}", listener.local_addr()?);
@@ -145,13 +171,16 @@ struct PublishFigures {
     p99_ms: f64,
 }
 
+/// (clients, events per request) of `lockstep bench publish`.
+const STANDARD_SCENARIOS: [(usize, usize); 5] = [(1, 1), (16, 1), (64, 1), (16, 100), (4, 1000)];
+
 async fn publish_bench(
     client: &Client,
+    scenarios: &[(usize, usize)],
     duration: Duration,
     payload: usize,
     json: bool,
 ) -> anyhow::Result<()> {
-    let scenarios = [(1, 1), (16, 1), (64, 1), (16, 100), (4, 1000)];
     if !json {
         println!(
             "{:<28} {:>8} {:>12} {:>10} {:>10}",
@@ -159,12 +188,16 @@ async fn publish_bench(
         );
     }
     let mut all = Vec::new();
-    for (clients, batch) in scenarios {
+    for &(clients, batch) in scenarios {
         let figures = publish_scenario(client, clients, batch, duration, payload).await?;
         if !json {
             println!(
                 "{:<28} {:>8} {:>12.0} {:>10.2} {:>10.2}",
-                figures.scenario, figures.events, figures.events_per_sec, figures.p50_ms, figures.p99_ms
+                figures.scenario,
+                figures.events,
+                figures.events_per_sec,
+                figures.p50_ms,
+                figures.p99_ms
             );
         }
         all.push(figures);
@@ -292,8 +325,15 @@ async fn read_bench(
             "catch-up read: {} events in {:.2} s = {:.0} events/s (~{:.0} MiB/s of JSON), pages of {page}",
             figures.events, figures.seconds, figures.events_per_sec, figures.mib_per_sec
         );
-        let samples: Vec<String> = figures.rss_mib_samples.iter().map(|m| format!("{m:.0}")).collect();
-        println!("process RSS while reading, MiB (every 10%): {}", samples.join(" "));
+        let samples: Vec<String> = figures
+            .rss_mib_samples
+            .iter()
+            .map(|m| format!("{m:.0}"))
+            .collect();
+        println!(
+            "process RSS while reading, MiB (every 10%): {}",
+            samples.join(" ")
+        );
     }
     Ok(())
 }

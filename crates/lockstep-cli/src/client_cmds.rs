@@ -52,10 +52,12 @@ impl PublishArgs {
             };
             let what = path.display();
             return if text.trim_start().starts_with('[') {
-                serde_json::from_str(&text).with_context(|| format!("{what} is not a JSON array of events"))
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{what} is not a JSON array of events"))
             } else {
-                Ok(vec![serde_json::from_str(&text)
-                    .with_context(|| format!("{what} is not a JSON event object"))?])
+                Ok(vec![serde_json::from_str(&text).with_context(|| {
+                    format!("{what} is not a JSON event object")
+                })?])
             };
         }
         let Some(event_type) = self.event_type else {
@@ -93,8 +95,16 @@ pub async fn publish(url: &str, json: bool, args: PublishArgs) -> anyhow::Result
         writeln!(out)?;
     } else {
         for ack in acks {
-            let note = if ack.duplicate { " (already stored: id seen before)" } else { "" };
-            writeln!(out, "position {}  id {}  hash {}{note}", ack.position, ack.id, ack.hash)?;
+            let note = if ack.duplicate {
+                " (already stored: id seen before)"
+            } else {
+                ""
+            };
+            writeln!(
+                out,
+                "position {}  id {}  hash {}{note}",
+                ack.position, ack.id, ack.hash
+            )?;
         }
     }
     Ok(())
@@ -141,7 +151,11 @@ pub async fn tail(url: &str, json: bool, args: TailArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     while remaining > 0 {
         let page = client.read(&request).await?;
-        for event in page.events.iter().take(usize::try_from(remaining).unwrap_or(usize::MAX)) {
+        for event in page
+            .events
+            .iter()
+            .take(usize::try_from(remaining).unwrap_or(usize::MAX))
+        {
             print_event(&mut out, event, json)?;
             remaining -= 1;
         }
@@ -164,7 +178,10 @@ fn print_event(out: &mut impl std::io::Write, event: &Event, json: bool) -> std:
     }
     let data = match (&event.data, &event.data_base64) {
         (Some(raw), _) => raw.get().to_owned(),
-        (None, Some(b64)) => format!("<{} base64 {b64}>", event.content_type.as_deref().unwrap_or("binary")),
+        (None, Some(b64)) => format!(
+            "<{} base64 {b64}>",
+            event.content_type.as_deref().unwrap_or("binary")
+        ),
         (None, None) => String::new(),
     };
     writeln!(
@@ -183,10 +200,14 @@ pub async fn head(url: &str, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string(&head)?);
     } else {
-        let time = head
-            .time
-            .map_or_else(|| "-".to_owned(), |t| t.to_rfc3339_opts(SecondsFormat::Millis, true));
-        println!("position {}  hash {}  time {time}", head.position, head.hash);
+        let time = head.time.map_or_else(
+            || "-".to_owned(),
+            |t| t.to_rfc3339_opts(SecondsFormat::Millis, true),
+        );
+        println!(
+            "position {}  hash {}  time {time}",
+            head.position, head.hash
+        );
     }
     Ok(())
 }

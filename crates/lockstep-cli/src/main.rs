@@ -16,7 +16,11 @@ use clap::{Parser, Subcommand};
 pub const DEFAULT_URL: &str = "http://127.0.0.1:7700";
 
 #[derive(Parser)]
-#[command(name = "lockstep", version, about = "Lockstep: a durable, ordered event log that keeps replicas in step")]
+#[command(
+    name = "lockstep",
+    version,
+    about = "Lockstep: a durable, ordered event log that keeps replicas in step"
+)]
 struct Cli {
     /// Broker URL for client commands [default: http://127.0.0.1:7700]
     #[arg(long, global = true, env = "LOCKSTEP_URL")]
@@ -45,7 +49,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");

@@ -8,7 +8,12 @@ use std::process::Output;
 use common::{BrokerProcess, lockstep};
 
 fn run(url: &str, args: &[&str]) -> Output {
-    lockstep().arg("--url").arg(url).args(args).output().unwrap()
+    lockstep()
+        .arg("--url")
+        .arg(url)
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn stdout(out: &Output) -> String {
@@ -31,12 +36,35 @@ fn publish_tail_and_head() {
     let broker = BrokerProcess::start(dir.path());
     let url = broker.url.as_str();
 
-    let out = run(url, &["--json", "publish", "account.opened", r#"{"owner":"ann"}"#, "--key", "a1", "--id", "e1"]);
+    let out = run(
+        url,
+        &[
+            "--json",
+            "publish",
+            "account.opened",
+            r#"{"owner":"ann"}"#,
+            "--key",
+            "a1",
+            "--id",
+            "e1",
+        ],
+    );
     assert!(out.status.success(), "{out:?}");
     let acks: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(acks[0]["position"], 1);
 
-    let out = run(url, &["publish", "funds.deposited", r#"{"amount":5}"#, "--key", "a1", "--expected-position", "1"]);
+    let out = run(
+        url,
+        &[
+            "publish",
+            "funds.deposited",
+            r#"{"amount":5}"#,
+            "--key",
+            "a1",
+            "--expected-position",
+            "1",
+        ],
+    );
     assert!(out.status.success(), "{out:?}");
     assert!(stdout(&out).starts_with("position 2 "), "{}", stdout(&out));
 
@@ -45,13 +73,20 @@ fn publish_tail_and_head() {
     assert!(stdout(&out).contains("position 1 ") && stdout(&out).contains("already stored"));
 
     let file = dir.path().join("events.json");
-    std::fs::write(&file, r#"[{"type":"account.opened","key":"b"},{"type":"account.closed","key":"b"}]"#).unwrap();
+    std::fs::write(
+        &file,
+        r#"[{"type":"account.opened","key":"b"},{"type":"account.closed","key":"b"}]"#,
+    )
+    .unwrap();
     let out = run(url, &["publish", "--file", file.to_str().unwrap()]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(stdout(&out).lines().count(), 2);
 
     let out = run(url, &["--json", "tail"]);
-    let lines: Vec<serde_json::Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 4);
     assert_eq!(lines[1]["type"], "funds.deposited");
     assert_eq!(lines[1]["data"]["amount"], 5);
@@ -77,13 +112,25 @@ fn errors_are_one_line_and_change_nothing() {
     let broker = BrokerProcess::start(dir.path());
     let url = broker.url.as_str();
 
-    assert_one_line_error(&run(url, &["publish", "Account.Opened", "{}"]), "invalid segment");
+    assert_one_line_error(
+        &run(url, &["publish", "Account.Opened", "{}"]),
+        "invalid segment",
+    );
     assert_one_line_error(&run(url, &["publish", "lockstep.barrier"]), "reserved");
-    assert_one_line_error(&run(url, &["publish", "a.b", "not json"]), "DATA is not JSON");
-    assert_one_line_error(&run(url, &["publish", "a.b", "--expected-head", "9"]), "expected_head is 9");
+    assert_one_line_error(
+        &run(url, &["publish", "a.b", "not json"]),
+        "DATA is not JSON",
+    );
+    assert_one_line_error(
+        &run(url, &["publish", "a.b", "--expected-head", "9"]),
+        "expected_head is 9",
+    );
     assert_one_line_error(&run(url, &["tail", "--types", "A.B"]), "invalid segment");
     assert_one_line_error(&run(url, &["tail", "--after", "99"]), "past the head");
-    assert_one_line_error(&run(url, &["publish", "--file", "/nonexistent/x.json"]), "reading /nonexistent/x.json");
+    assert_one_line_error(
+        &run(url, &["publish", "--file", "/nonexistent/x.json"]),
+        "reading /nonexistent/x.json",
+    );
     let out = run(url, &["--json", "head"]);
     let head: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(head["position"], 0, "nothing was written");
@@ -102,7 +149,11 @@ fn serve_settings_come_from_the_config_file() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("from-config");
     let config = dir.path().join("lockstep.toml");
-    std::fs::write(&config, format!("data_dir = {:?}\nmax_body_bytes = 100\n", data)).unwrap();
+    std::fs::write(
+        &config,
+        format!("data_dir = {:?}\nmax_body_bytes = 100\n", data),
+    )
+    .unwrap();
     let mut child = lockstep()
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config)
@@ -111,13 +162,20 @@ fn serve_settings_come_from_the_config_file() {
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !data.join("log.redb").exists() {
-        assert!(std::time::Instant::now() < deadline, "config file's data_dir not used");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "config file's data_dir not used"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     child.kill().unwrap();
     child.wait().unwrap();
 
     std::fs::write(&config, "colour = \"red\"\n").unwrap();
-    let out = lockstep().args(["serve", "--config"]).arg(&config).output().unwrap();
+    let out = lockstep()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
     assert_one_line_error(&out, "colour");
 }

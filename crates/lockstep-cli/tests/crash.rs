@@ -27,7 +27,11 @@ async fn read_and_verify(client: &Client) -> Vec<Event> {
             break;
         }
         for event in page.events {
-            assert_eq!(event.position, events.len() as u64 + 1, "positions are gapless");
+            assert_eq!(
+                event.position,
+                events.len() as u64 + 1,
+                "positions are gapless"
+            );
             prev = event.verify(&prev).unwrap();
             events.push(event);
         }
@@ -58,7 +62,11 @@ async fn acknowledged_events_survive_sigkill() {
                         .map(|i| NewEvent {
                             id: Some(format!("c{cycle}-p{publisher}-n{n}-{i}")),
                             key: Some(format!("k{}", publisher % 4)),
-                            ..NewEvent::json("crash.tested", &serde_json::json!({"p": publisher, "n": n})).unwrap()
+                            ..NewEvent::json(
+                                "crash.tested",
+                                &serde_json::json!({"p": publisher, "n": n}),
+                            )
+                            .unwrap()
                         })
                         .collect();
                     ids.extend(batch.iter().filter_map(|e| e.id.clone()));
@@ -74,7 +82,10 @@ async fn acknowledged_events_survive_sigkill() {
         let target = start_count + 2_000;
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while acked.lock().unwrap().len() < target {
-            assert!(std::time::Instant::now() < deadline, "publishers made no progress");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "publishers made no progress"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         broker.kill9();
@@ -93,13 +104,21 @@ async fn acknowledged_events_survive_sigkill() {
         let event = by_position
             .get(&ack.position)
             .unwrap_or_else(|| panic!("acknowledged position {} lost", ack.position));
-        assert_eq!(event.id, ack.id, "position {} holds another event", ack.position);
+        assert_eq!(
+            event.id, ack.id,
+            "position {} holds another event",
+            ack.position
+        );
         assert_eq!(event.hash, ack.hash, "hash changed at {}", ack.position);
         assert_eq!(event.time, ack.time);
     }
     let mut seen = HashSet::new();
     for event in &events {
-        assert!(seen.insert(event.id.clone()), "id {} stored twice", event.id);
+        assert!(
+            seen.insert(event.id.clone()),
+            "id {} stored twice",
+            event.id
+        );
     }
 
     // Publishing every attempted id again is idempotent: stored ones return their original
@@ -125,7 +144,12 @@ async fn acknowledged_events_survive_sigkill() {
     }
     let after = read_and_verify(&client).await;
     assert_eq!(after.len() as u64, head_before + fresh);
-    assert_eq!(&after[..events.len()].iter().map(|e| &e.hash).collect::<Vec<_>>(),
-               &events.iter().map(|e| &e.hash).collect::<Vec<_>>());
+    assert_eq!(
+        &after[..events.len()]
+            .iter()
+            .map(|e| &e.hash)
+            .collect::<Vec<_>>(),
+        &events.iter().map(|e| &e.hash).collect::<Vec<_>>()
+    );
     broker.terminate();
 }

@@ -134,6 +134,19 @@ impl<'a> RecordRef<'a> {
         put_bytes(out, self.data);
     }
 
+    /// Writes `position` and `time_ns` into canonical bytes encoded earlier (typically with both
+    /// zero), so the costly part of encoding can happen before the order is known.
+    pub fn stamp(canonical: &mut [u8], position: u64, time_ns: i64) -> Result<(), DecodeError> {
+        match canonical.get_mut(..17) {
+            Some(head) if head[0] == FORMAT_VERSION => {
+                head[1..9].copy_from_slice(&position.to_be_bytes());
+                head[9..17].copy_from_slice(&time_ns.to_be_bytes());
+                Ok(())
+            }
+            _ => Err(DecodeError::new("not a version-1 record")),
+        }
+    }
+
     /// Length of the canonical bytes.
     pub fn encoded_len(&self) -> usize {
         1 + 8
@@ -318,6 +331,23 @@ mod tests {
         rec.encode(&mut buf);
         assert_eq!(buf.len(), rec.encoded_len());
         assert_eq!(RecordRef::decode(&buf).unwrap(), rec);
+    }
+
+    #[test]
+    fn stamping_equals_encoding_with_position_and_time() {
+        let rec = sample();
+        let mut early = Vec::new();
+        RecordRef {
+            position: 0,
+            time_ns: 0,
+            ..rec
+        }
+        .encode(&mut early);
+        RecordRef::stamp(&mut early, rec.position, rec.time_ns).unwrap();
+        let mut direct = Vec::new();
+        rec.encode(&mut direct);
+        assert_eq!(early, direct);
+        assert!(RecordRef::stamp(&mut [1, 2], 1, 1).is_err());
     }
 
     #[test]

@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use lockstep_proto::wire::{ErrorBody, Event, Head, NewEvent, PublishAck, PublishResponse, ReadResponse};
+use lockstep_proto::wire::{
+    ErrorBody, Event, Head, NewEvent, PublishAck, PublishResponse, ReadResponse,
+};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 

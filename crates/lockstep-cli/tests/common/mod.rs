@@ -35,7 +35,11 @@ impl BrokerProcess {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 if !sent && let Some(addr) = line.split("addr=").nth(1) {
-                    let addr = addr.split_whitespace().next().unwrap_or_default().to_owned();
+                    let addr = addr
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
                     let _ = tx.send(addr);
                     sent = true;
                 }
