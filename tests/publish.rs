@@ -149,6 +149,19 @@ async fn a_repeated_id_returns_the_original_and_writes_nothing() {
     assert_eq!(broker.head().await.position, 3);
 }
 
+/// Guards against `serve` returning while a connection task still holds the database, which made
+/// an immediate restart on the same directory fail with "Database already open".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_broker_frees_its_directory_at_once() {
+    let mut broker = TestBroker::start().await;
+    for round in 1..=100u64 {
+        broker.publish(&json!({"type": "x.y"})).await;
+        assert_eq!(broker.head().await.position, round);
+        broker = broker.restart().await;
+    }
+    assert_eq!(broker.head().await.position, 100);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_id_within_one_batch_is_written_once() {
     let broker = TestBroker::start().await;
@@ -341,6 +354,90 @@ async fn expected_position_guards_one_key() {
         .publish(&json!({"type": "funds.deposited", "key": "acct-9", "expected_position": 0}))
         .await;
     assert_eq!(acks[0].position, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_expectations_let_exactly_one_publisher_win() {
+    let broker = TestBroker::start().await;
+    broker
+        .publish(&json!([{"type": "x.y"}, {"type": "acct.opened", "key": "acct"}]))
+        .await;
+    // Both races expect the state left by the one before: the head race's winner is at 3 and
+    // has no key, so acct's last event is still at 2.
+    for (field, code, body, winner) in [
+        (
+            "head",
+            "head_conflict",
+            json!({"type": "x.y", "expected_head": 2}),
+            3,
+        ),
+        (
+            "key",
+            "key_conflict",
+            json!({"type": "acct.debited", "key": "acct", "expected_position": 2}),
+            4,
+        ),
+    ] {
+        let before = broker.head().await.position;
+        let mut racers = Vec::new();
+        for _ in 0..16 {
+            let request = broker.post_json_request(&body);
+            racers.push(tokio::spawn(error_or_ack(request)));
+        }
+        let mut winners = Vec::new();
+        for racer in racers {
+            match racer.await.unwrap() {
+                Ok(ack) => winners.push(ack),
+                Err((status, error)) => {
+                    assert_eq!(status, reqwest::StatusCode::CONFLICT, "{field}");
+                    assert_eq!(error.code, code);
+                    assert_eq!(
+                        error.current,
+                        Some(winner),
+                        "{field}: the winner's position"
+                    );
+                }
+            }
+        }
+        assert_eq!(winners.len(), 1, "{field}: exactly one racer may win");
+        assert_eq!(winners[0].position, winner);
+        assert_eq!(broker.head().await.position, before + 1);
+    }
+}
+
+async fn error_or_ack(
+    request: reqwest::RequestBuilder,
+) -> Result<PublishAck, (reqwest::StatusCode, lockstep_proto::wire::ErrorDetail)> {
+    let response = request.send().await.unwrap();
+    if response.status().is_success() {
+        let answer: lockstep_proto::wire::PublishResponse = response.json().await.unwrap();
+        Ok(answer.events.into_iter().next().unwrap())
+    } else {
+        Err(error_of(response).await)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_data_is_stored_byte_for_byte() {
+    let broker = TestBroker::start().await;
+    let data = r#"{ "z" : 1,  "a" : [ 2, 1.50, "\u00e9" ] }"#;
+    let response = reqwest::Client::new()
+        .post(broker.at("/v1/events"))
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"type": "x.y", "data": {data}}}"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    let text = reqwest::get(broker.at("/v1/events/1"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let event: Event = serde_json::from_str(&text).unwrap();
+    assert_eq!(event.data.as_ref().unwrap().get(), data);
+    verify_chain(&broker.read_all(10).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

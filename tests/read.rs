@@ -394,3 +394,65 @@ async fn a_wait_with_nothing_to_read_ends_after_wait_ms() {
     assert_eq!(positions(&page), [1]);
     assert!(started.elapsed() < Duration::from_secs(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unencoded_plus_in_a_time_still_reads_as_an_offset() {
+    let broker = TestBroker::start().await;
+    publish_one_by_one(&broker, "e", 3).await;
+    let all = broker.read_all(100).await;
+    let zoned = all[1]
+        .time
+        .with_timezone(&FixedOffset::east_opt(2 * 3600).unwrap())
+        .to_rfc3339_opts(SecondsFormat::Nanos, false);
+    assert!(zoned.contains('+'));
+    // Written into the URL as is: the query string decodes '+' to a space.
+    let response = reqwest::get(format!("{}?since={zoned}", broker.at("/v1/events")))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    let page: ReadResponse = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert_eq!(positions(&page), [2, 3]);
+}
+
+/// Guards against a long-poll with `since` in the future returning events from before `since`:
+/// the time bound was turned into a start position once, before the wait (regression).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_never_returns_events_before_since() {
+    let broker = TestBroker::start().await;
+    broker.publish(&json!({"type": "x.y"})).await;
+    let since = rfc3339(Utc::now() + chrono::Duration::hours(1));
+    let url = broker.at("/v1/events");
+    let query = since.clone();
+    let reader = tokio::spawn(async move {
+        let page: ReadResponse = reqwest::Client::new()
+            .get(url)
+            .query(&[("since", query.as_str()), ("wait_ms", "1500")])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        page
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    broker
+        .publish(&json!({"type": "x.y", "id": "too-early"}))
+        .await;
+    let page = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    let since = DateTime::parse_from_rfc3339(&since).unwrap();
+    for event in &page.events {
+        assert!(
+            event.time >= since,
+            "event {} at {} is before since={since}",
+            event.id,
+            event.time
+        );
+    }
+    // The same read without waiting agrees.
+    let now = broker.read(&[("since", &rfc3339(since.to_utc()))]).await;
+    assert!(now.events.is_empty());
+}

@@ -103,11 +103,16 @@ impl TestBroker {
         response.json().await.expect("head JSON")
     }
 
-    /// `POST /v1/events` with `body` as `application/json`; the raw answer.
-    pub async fn post_json(&self, body: &serde_json::Value) -> reqwest::Response {
+    /// A `POST /v1/events` request with `body` as `application/json`, ready to send.
+    pub fn post_json_request(&self, body: &serde_json::Value) -> reqwest::RequestBuilder {
         reqwest::Client::new()
             .post(self.at("/v1/events"))
             .json(body)
+    }
+
+    /// `POST /v1/events` with `body` as `application/json`; the raw answer.
+    pub async fn post_json(&self, body: &serde_json::Value) -> reqwest::Response {
+        self.post_json_request(body)
             .send()
             .await
             .expect("POST /v1/events")
@@ -124,11 +129,8 @@ impl TestBroker {
         answer.events
     }
 
-    /// `GET /v1/events` with `query`; the status and the body as JSON.
-    pub async fn get_events(
-        &self,
-        query: &[(&str, &str)],
-    ) -> (reqwest::StatusCode, serde_json::Value) {
+    /// `GET /v1/events` with `query`; the status and the body as text.
+    pub async fn get_events_text(&self, query: &[(&str, &str)]) -> (reqwest::StatusCode, String) {
         let response = reqwest::Client::new()
             .get(self.at("/v1/events"))
             .query(query)
@@ -136,14 +138,27 @@ impl TestBroker {
             .await
             .expect("GET /v1/events");
         let status = response.status();
-        (status, response.json().await.expect("read answer JSON"))
+        (status, response.text().await.expect("read answer"))
+    }
+
+    /// `GET /v1/events` with `query`; the status and the body as JSON.
+    pub async fn get_events(
+        &self,
+        query: &[(&str, &str)],
+    ) -> (reqwest::StatusCode, serde_json::Value) {
+        let (status, text) = self.get_events_text(query).await;
+        (
+            status,
+            serde_json::from_str(&text).expect("read answer JSON"),
+        )
     }
 
     /// `GET /v1/events` with `query` that must succeed; the page decoded.
     pub async fn read(&self, query: &[(&str, &str)]) -> lockstep_proto::wire::ReadResponse {
-        let (status, body) = self.get_events(query).await;
-        assert_eq!(status, reqwest::StatusCode::OK, "read refused: {body}");
-        serde_json::from_value(body).expect("read answer shape")
+        let (status, text) = self.get_events_text(query).await;
+        assert_eq!(status, reqwest::StatusCode::OK, "read refused: {text}");
+        // Straight from the text: JSON data must keep the exact bytes that were hashed.
+        serde_json::from_str(&text).expect("read answer shape")
     }
 
     /// Every event of the log, read page by page with `limit` events per page.

@@ -142,5 +142,21 @@ pub async fn serve(
         })
         .await;
     broker.close().await;
+    // axum can return while a finished connection's task still holds a clone of the router, and
+    // so of the database. Wait for the last clone, so the data directory's lock is free for the
+    // next broker once `serve` returns.
+    let database = broker.inner.log.closed_when_dropped();
+    drop(broker);
+    let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
+    while database.strong_count() > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!("the database is still in use {CLOSE_TIMEOUT:?} after shutdown");
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     result
 }
+
+/// How long `serve` waits, after shutdown, for the last handle on the database to go.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

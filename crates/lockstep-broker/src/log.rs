@@ -283,6 +283,12 @@ impl Log {
         Ok(lo)
     }
 
+    /// A handle that stops upgrading once every clone of this log is gone and the database file
+    /// is closed (its lock released).
+    pub fn closed_when_dropped(&self) -> std::sync::Weak<Database> {
+        Arc::downgrade(&self.db)
+    }
+
     /// Stops the writer after the requests already queued, and waits for it.
     pub async fn close(&self) {
         // A full queue means appends are still queued: they are answered before Stop is seen.

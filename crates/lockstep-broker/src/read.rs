@@ -151,7 +151,10 @@ fn scan_page(log: &Log, query: &ReadQuery, head: u64) -> Result<Scan, ReadError>
             return ControlFlow::Break(());
         }
         scanned += 1;
-        if filter_all || query.filter.matches(record.event_type) {
+        // `since` became a position when the read began; an event committed later (during a
+        // long-poll on a future `since`) can still be older than `since`, so check its time too.
+        let after_since = query.since_ns.is_none_or(|since| record.time_ns >= since);
+        if after_since && (filter_all || query.filter.matches(record.event_type)) {
             if count > 0 {
                 events.push(b',');
             }

@@ -275,8 +275,47 @@ fn write_json_str(out: &mut Vec<u8>, s: &str) {
     }
 }
 
+/// Writes `t` as RFC 3339 in UTC with `Z`, the fraction in 0, 3, 6 or 9 digits as needed (what
+/// chrono's `SecondsFormat::AutoSi` gives), without allocating: this runs once per event read.
 fn write_time(out: &mut Vec<u8>, t: DateTime<Utc>) {
-    out.extend_from_slice(t.to_rfc3339_opts(SecondsFormat::AutoSi, true).as_bytes());
+    use chrono::{Datelike as _, Timelike as _};
+    let year = t.year();
+    if !(0..=9999).contains(&year) {
+        out.extend_from_slice(t.to_rfc3339_opts(SecondsFormat::AutoSi, true).as_bytes());
+        return;
+    }
+    let digits = |n: u32, width: usize, out: &mut Vec<u8>| {
+        let mut buf = [b'0'; 9];
+        let mut n = n;
+        for slot in buf[..width].iter_mut().rev() {
+            *slot = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        out.extend_from_slice(&buf[..width]);
+    };
+    digits(year as u32, 4, out);
+    out.push(b'-');
+    digits(t.month(), 2, out);
+    out.push(b'-');
+    digits(t.day(), 2, out);
+    out.push(b'T');
+    digits(t.hour(), 2, out);
+    out.push(b':');
+    digits(t.minute(), 2, out);
+    out.push(b':');
+    digits(t.second(), 2, out);
+    let nanos = t.nanosecond();
+    if nanos != 0 {
+        out.push(b'.');
+        if nanos % 1_000_000 == 0 {
+            digits(nanos / 1_000_000, 3, out);
+        } else if nanos % 1_000 == 0 {
+            digits(nanos / 1_000, 6, out);
+        } else {
+            digits(nanos, 9, out);
+        }
+    }
+    out.push(b'Z');
 }
 
 fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
@@ -363,6 +402,28 @@ mod tests {
         let (mut event, _) = written(&record);
         event.source = "t".into();
         assert!(event.verify(&GENESIS_HASH).is_err());
+    }
+
+    #[test]
+    fn time_matches_chrono() {
+        for ns in [
+            0i64,
+            1,
+            1_000,
+            1_000_000,
+            1_780_000_000_123_456_789,
+            1_780_000_000_120_000_000,
+            1_780_000_000_123_456_000,
+            -1_000_000_001,
+            i64::MAX,
+        ] {
+            let t = DateTime::from_timestamp_nanos(ns);
+            let mut out = Vec::new();
+            write_time(&mut out, t);
+            let text = String::from_utf8(out).unwrap();
+            assert_eq!(text, t.to_rfc3339_opts(SecondsFormat::AutoSi, true), "{ns}");
+            assert_eq!(DateTime::parse_from_rfc3339(&text).unwrap(), t);
+        }
     }
 
     #[test]
