@@ -86,13 +86,13 @@ pub fn parse_binary(
         })?;
     }
     let fields = Fields {
-        event_type: required(take("type"), "type")?,
-        id: Some(required(take("id"), "id")?),
-        source: Some(required(take("source"), "source")?),
-        key: take("subject"),
+        event_type: required(take("type"), "type")?.into(),
+        id: Some(required(take("id"), "id")?.into()),
+        source: Some(required(take("source"), "source")?.into()),
+        key: take("subject").map(Into::into),
         occurred_at: take("time").map(|t| parse_time(&t)).transpose()?,
-        content_type,
-        data: body.to_vec(),
+        content_type: content_type.into(),
+        data: body.into(),
         expected_head: take("expectedhead")
             .map(|v| parse_u64("expectedhead", &v))
             .transpose()?,
@@ -142,15 +142,15 @@ fn from_attributes(mut attrs: Attributes) -> Result<Draft, PublishError> {
         ),
     };
     let fields = Fields {
-        event_type: required(take_string(&mut attrs, "type")?, "type")?,
-        id: Some(required(take_string(&mut attrs, "id")?, "id")?),
-        source: Some(required(take_string(&mut attrs, "source")?, "source")?),
-        key: take_string(&mut attrs, "subject")?,
+        event_type: required(take_string(&mut attrs, "type")?, "type")?.into(),
+        id: Some(required(take_string(&mut attrs, "id")?, "id")?.into()),
+        source: Some(required(take_string(&mut attrs, "source")?, "source")?.into()),
+        key: take_string(&mut attrs, "subject")?.map(Into::into),
         occurred_at: take_string(&mut attrs, "time")?
             .map(|t| parse_time(&t))
             .transpose()?,
-        content_type,
-        data,
+        content_type: content_type.into(),
+        data: data.into(),
         expected_head: take_u64(&mut attrs, "expectedhead")?,
         expected_position: take_u64(&mut attrs, "expectedposition")?,
     };

@@ -15,7 +15,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use chrono::DateTime;
 use lockstep_proto::TypeFilter;
-use lockstep_proto::wire::{ErrorBody, ErrorDetail, PublishResponse};
+use lockstep_proto::wire::{ErrorBody, ErrorDetail, write_publish_response};
 use serde::Deserialize;
 
 use crate::Broker;
@@ -162,7 +162,7 @@ async fn publish(
     State(broker): State<Broker>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<PublishResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let body = body.map_err(body_error)?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -198,8 +198,8 @@ async fn publish(
             }
         }
     }?;
-    let events = broker.publish(drafts).await?;
-    Ok(Json(PublishResponse { events }))
+    let acks = broker.publish(drafts).await?;
+    Ok(json_bytes(write_publish_response(&acks)))
 }
 
 /// Query parameters of `GET /v1/events`, as sent.

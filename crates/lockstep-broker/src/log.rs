@@ -1,7 +1,8 @@
 //! The durable log: events in redb, appended by one writer thread with group commit.
 //!
 //! Tables (all in `DATA/log.redb`):
-//! - `events`: position → stored record (canonical bytes ‖ chain hash), positions gapless from 1;
+//! - `event_chunks`: position of a chunk's first event → the chunk: a run of consecutive stored
+//!   records (canonical bytes ‖ chain hash), see [`chunk`]; positions are gapless from 1;
 //! - `event_ids`: event id → position, for idempotent publish;
 //! - `key_heads`: entity key → position of the last event with that key, for `expected_position`.
 //!
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use chrono::Utc;
-use lockstep_proto::record::{ChainHash, GENESIS_HASH, RecordRef, StoredRecord};
+use lockstep_proto::record::{ChainHash, GENESIS_HASH, RecordRef};
 use lockstep_proto::wire::PublishAck;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -29,7 +30,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::error::{AppendError, ConflictKind, StoreError};
 use crate::metrics::LogMetrics;
 
-const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+mod chunk;
+
+use chunk::ChunkBuilder;
+
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("event_chunks");
 const EVENT_IDS: TableDefinition<&str, u64> = TableDefinition::new("event_ids");
 const KEY_HEADS: TableDefinition<&str, u64> = TableDefinition::new("key_heads");
 
@@ -170,6 +175,9 @@ impl Log {
             tip,
             published: tip_tx,
             metrics: Arc::clone(&metrics),
+            chunk: ChunkBuilder::new(),
+            group: Vec::new(),
+            group_start: tip.position,
         };
         let writer = std::thread::Builder::new()
             .name("lockstep-writer".into())
@@ -229,14 +237,24 @@ impl Log {
         mut visit: impl FnMut(&RecordRef<'_>, &ChainHash) -> ControlFlow<()>,
     ) -> Result<u64, StoreError> {
         let txn = self.db.begin_read()?;
-        let events = txn.open_table(EVENTS)?;
+        let chunks = txn.open_table(EVENTS)?;
+        let start = after.saturating_add(1);
+        // The chunk holding `start` begins at or before it.
+        let first_chunk = match chunks.range(..=start)?.next_back() {
+            Some(entry) => entry?.0.value(),
+            None => start,
+        };
         let mut last = after;
-        for entry in events.range(after.saturating_add(1)..)? {
-            let (position, bytes) = entry?;
-            let bytes = bytes.value();
-            let (record, _, hash) = StoredRecord::decode(bytes)?;
-            last = position.value();
-            if visit(&record, &hash).is_break() {
+        for entry in chunks.range(first_chunk..)? {
+            let (_, chunk) = entry?;
+            let stopped = chunk::for_each_record(chunk.value(), |record, hash| {
+                if record.position < start {
+                    return ControlFlow::Continue(());
+                }
+                last = record.position;
+                visit(record, hash)
+            })?;
+            if stopped {
                 break;
             }
         }
@@ -250,34 +268,39 @@ impl Log {
         f: impl FnOnce(&RecordRef<'_>, &ChainHash) -> T,
     ) -> Result<Option<T>, StoreError> {
         let txn = self.db.begin_read()?;
-        let events = txn.open_table(EVENTS)?;
-        let Some(bytes) = events.get(position)? else {
-            return Ok(None);
-        };
-        let (record, _, hash) = StoredRecord::decode(bytes.value())?;
-        Ok(Some(f(&record, &hash)))
+        let chunks = txn.open_table(EVENTS)?;
+        chunk::get(&chunks, position, f)
     }
 
     /// The first position whose time is at or after `time_ns`, or `head + 1` if none; blocking.
     /// Binary search: times never decrease along positions.
     pub fn first_at_or_after(&self, time_ns: i64) -> Result<u64, StoreError> {
         let txn = self.db.begin_read()?;
-        let events = txn.open_table(EVENTS)?;
-        let head = match events.last()? {
-            Some((position, _)) => position.value(),
-            None => return Ok(1),
-        };
+        let chunks = txn.open_table(EVENTS)?;
+        let head = chunk::last(&chunks, |record, _| record.position)?.unwrap_or(0);
+        // Invariant: every event before `lo` is older than `time_ns`; every event from `hi` on
+        // is not. Each probe reads one chunk and narrows by its first and last event.
         let (mut lo, mut hi) = (1u64, head + 1);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            let bytes = events
-                .get(mid)?
-                .ok_or_else(|| StoreError::new(format!("gap in the log at position {mid}")))?;
-            let (record, _, _) = StoredRecord::decode(bytes.value())?;
-            if record.time_ns < time_ns {
-                lo = mid + 1;
-            } else {
-                hi = mid;
+            let entry = chunks
+                .range(..=mid)?
+                .next_back()
+                .ok_or_else(|| StoreError::new(format!("no chunk holds position {mid}")))??;
+            let mut older_in_chunk = false;
+            let found = chunk::for_each_record(entry.1.value(), |record, _| {
+                if record.time_ns < time_ns {
+                    lo = lo.max(record.position + 1);
+                    older_in_chunk = true;
+                    ControlFlow::Continue(())
+                } else {
+                    hi = hi.min(record.position);
+                    ControlFlow::Break(())
+                }
+            })?;
+            if found && older_in_chunk {
+                // An older event right before it in the same chunk: this is the first.
+                lo = hi;
             }
         }
         Ok(lo)
@@ -302,23 +325,13 @@ impl Log {
 
 fn read_tip(db: &Database) -> Result<Tip, StoreError> {
     let txn = db.begin_read()?;
-    let events = txn.open_table(EVENTS)?;
-    let Some((position, bytes)) = events.last()? else {
-        return Ok(Tip::EMPTY);
-    };
-    let (record, _, hash) = StoredRecord::decode(bytes.value())?;
-    if record.position != position.value() {
-        return Err(StoreError::new(format!(
-            "record stored at position {} says it is at {}",
-            position.value(),
-            record.position
-        )));
-    }
-    Ok(Tip {
+    let chunks = txn.open_table(EVENTS)?;
+    let tip = chunk::last(&chunks, |record, hash| Tip {
         position: record.position,
-        hash,
+        hash: *hash,
         time_ns: record.time_ns,
-    })
+    })?;
+    Ok(tip.unwrap_or(Tip::EMPTY))
 }
 
 /// The one thread that writes the log.
@@ -328,6 +341,12 @@ struct Writer {
     tip: Tip,
     published: watch::Sender<Tip>,
     metrics: Arc<LogMetrics>,
+    /// The chunk being filled; flushed when full and at the end of every group.
+    chunk: ChunkBuilder,
+    /// Events appended by the group being built, from position `group_start + 1`: a duplicate id
+    /// may point at one of them before its chunk is in the table.
+    group: Vec<Appended>,
+    group_start: u64,
 }
 
 /// What one event of a request turns into, decided before anything of the request is written.
@@ -404,6 +423,9 @@ impl Writer {
     ) -> Result<Vec<Result<Vec<Appended>, AppendError>>, StoreError> {
         let txn = self.db.begin_write()?;
         let mut results = Vec::with_capacity(group.len());
+        self.chunk.clear();
+        self.group.clear();
+        self.group_start = self.tip.position;
         {
             let mut tables = Tables {
                 events: txn.open_table(EVENTS)?,
@@ -414,9 +436,17 @@ impl Writer {
             for (drafts, _) in group.iter_mut() {
                 results.push(self.apply(&mut tables, now, drafts)?);
             }
+            self.flush_chunk(&mut tables)?;
         }
         txn.commit()?;
         Ok(results)
+    }
+
+    fn flush_chunk(&mut self, tables: &mut Tables<'_>) -> Result<(), StoreError> {
+        if let Some((first, bytes)) = self.chunk.take() {
+            tables.events.insert(first, bytes)?;
+        }
+        Ok(())
     }
 
     fn apply(
@@ -443,7 +473,10 @@ impl Writer {
                     RecordRef::stamp(&mut draft.canonical, position, time_ns)?;
                     let hash = self.tip.hash.next(&draft.canonical);
                     draft.canonical.extend_from_slice(&hash.0);
-                    tables.events.insert(position, draft.canonical.as_slice())?;
+                    self.chunk.push(position, &draft.canonical);
+                    if self.chunk.is_full() {
+                        self.flush_chunk(tables)?;
+                    }
                     tables.ids.insert(draft.id.as_str(), position)?;
                     if let Some(key) = &draft.key {
                         tables.keys.insert(key.as_str(), position)?;
@@ -453,12 +486,14 @@ impl Writer {
                         hash,
                         time_ns,
                     };
-                    Appended {
+                    let new = Appended {
                         position,
                         hash,
                         time_ns,
                         duplicate: false,
-                    }
+                    };
+                    self.group.push(new);
+                    new
                 }
             };
             appended.push(outcome);
@@ -487,7 +522,7 @@ impl Writer {
             if !draft.id_generated
                 && let Some(position) = tables.ids.get(draft.id.as_str())?
             {
-                plan.push(Plan::Stored(stored_ack(&tables.events, position.value())?));
+                plan.push(Plan::Stored(self.stored(&tables.events, position.value())?));
                 continue;
             }
             if let Some(expected) = draft.expected_head
@@ -527,26 +562,35 @@ impl Writer {
     }
 }
 
+impl Writer {
+    /// The original of an event stored earlier, as a duplicate's answer.
+    fn stored(
+        &self,
+        events: &redb::Table<'_, u64, &'static [u8]>,
+        position: u64,
+    ) -> Result<Appended, StoreError> {
+        if let Some(index) = position.checked_sub(self.group_start + 1) {
+            if let Some(appended) = self.group.get(index as usize) {
+                return Ok(Appended {
+                    duplicate: true,
+                    ..*appended
+                });
+            }
+        }
+        chunk::get(events, position, |record, hash| Appended {
+            position,
+            hash: *hash,
+            time_ns: record.time_ns,
+            duplicate: true,
+        })?
+        .ok_or_else(|| StoreError::new(format!("id index points at missing position {position}")))
+    }
+}
+
 struct Tables<'txn> {
     events: redb::Table<'txn, u64, &'static [u8]>,
     ids: redb::Table<'txn, &'static str, u64>,
     keys: redb::Table<'txn, &'static str, u64>,
-}
-
-fn stored_ack(
-    events: &redb::Table<'_, u64, &'static [u8]>,
-    position: u64,
-) -> Result<Appended, StoreError> {
-    let bytes = events.get(position)?.ok_or_else(|| {
-        StoreError::new(format!("id index points at missing position {position}"))
-    })?;
-    let (record, _, hash) = StoredRecord::decode(bytes.value())?;
-    Ok(Appended {
-        position,
-        hash,
-        time_ns: record.time_ns,
-        duplicate: true,
-    })
 }
 
 #[cfg(test)]
@@ -677,5 +721,71 @@ mod tests {
         }
         assert_eq!(log.first_at_or_after(i64::MAX).unwrap(), 21);
         assert_eq!(log.first_at_or_after(0).unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn batches_spanning_many_chunks_read_back_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), 1 << 20).unwrap();
+        for b in 0..3 {
+            let drafts = (0..700).map(|i| draft(&format!("b{b}-{i}"))).collect();
+            log.append(drafts).await.unwrap();
+        }
+        let chain = chain_of(&log);
+        assert_eq!(chain.len(), 2100);
+        for after in [0, 1, 255, 256, 257, 699, 700, 701, 1500, 2099, 2100] {
+            let mut first = None;
+            let last = log
+                .scan(after, |record, _| {
+                    first = Some(record.position);
+                    ControlFlow::Break(())
+                })
+                .unwrap();
+            let expected = (after < 2100).then_some(after + 1);
+            assert_eq!(first, expected, "after {after}");
+            assert_eq!(last, expected.unwrap_or(after));
+        }
+        for &(position, time_ns, hash) in chain.iter().step_by(37) {
+            let got = log
+                .get(position, |r, h| (r.position, r.time_ns, *h))
+                .unwrap();
+            assert_eq!(got, Some((position, time_ns, hash)));
+            let first = chain.iter().find(|c| c.1 >= time_ns).unwrap().0;
+            assert_eq!(log.first_at_or_after(time_ns).unwrap(), first);
+        }
+        assert_eq!(log.get(2101, |r, _| r.position).unwrap(), None);
+        let again = log.append(vec![draft("b1-350")]).await.unwrap();
+        assert_eq!((again[0].position, again[0].duplicate), (1051, true));
+        assert_eq!(again[0].hash, chain[1050].2.to_hex());
+    }
+
+    /// Guards the in-group dedup path: an id appended by an earlier request of the same group
+    /// is found before its chunk reaches the table.
+    #[test]
+    fn a_duplicate_of_an_event_earlier_in_the_same_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), 1 << 20).unwrap();
+        let (tip_tx, _tip_rx) = watch::channel(Tip::EMPTY);
+        let mut writer = Writer {
+            db: Arc::clone(&log.db),
+            tip: log.tip(),
+            published: tip_tx,
+            metrics: Arc::default(),
+            chunk: ChunkBuilder::new(),
+            group: Vec::new(),
+            group_start: 0,
+        };
+        let (a, _) = oneshot::channel();
+        let (b, _) = oneshot::channel();
+        let mut group = vec![
+            (vec![draft("x"), draft("y")], a),
+            (vec![draft("z"), draft("y")], b),
+        ];
+        let results = writer.write_group(&mut group).unwrap();
+        let first = results[0].as_ref().unwrap();
+        let second = results[1].as_ref().unwrap();
+        assert_eq!((second[0].position, second[0].duplicate), (3, false));
+        assert_eq!((second[1].position, second[1].duplicate), (2, true));
+        assert_eq!(second[1].hash, first[1].hash);
     }
 }

@@ -7,7 +7,10 @@ use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use lockstep_proto::names::validate_client_type;
 use lockstep_proto::record::{JSON_CONTENT_TYPE, RecordRef, is_json_content_type};
-use lockstep_proto::wire::{MAX_ID_LEN, NewEvent};
+use lockstep_proto::wire::MAX_ID_LEN;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
 
 use crate::error::PublishError;
 use crate::log::Draft;
@@ -23,7 +26,7 @@ pub(crate) const OCTET_STREAM: &str = "application/octet-stream";
 
 /// Parses a body of Lockstep's own format: one event object or an array of them.
 pub fn parse_native(body: &[u8]) -> Result<Vec<Draft>, PublishError> {
-    let events: Vec<NewEvent> = match first_json_byte(body) {
+    let events: Vec<NewEventIn<'_>> = match first_json_byte(body) {
         Some(b'[') => serde_json::from_slice(body).map_err(invalid_json)?,
         Some(b'{') => vec![serde_json::from_slice(body).map_err(invalid_json)?],
         Some(_) => {
@@ -69,8 +72,62 @@ fn invalid_json_msg(message: impl Into<String>) -> PublishError {
     }
 }
 
+/// One event of Lockstep's own format ([`lockstep_proto::wire::NewEvent`]), borrowing from the
+/// request body wherever the JSON allows: a batch of a thousand events then costs a thousand
+/// encodings, not many thousands of small allocations.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewEventIn<'a> {
+    #[serde(rename = "type", borrow)]
+    event_type: Text<'a>,
+    #[serde(default, borrow)]
+    id: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    source: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    key: Option<Text<'a>>,
+    #[serde(default)]
+    occurred_at: Option<DateTime<Utc>>,
+    #[serde(default, borrow)]
+    content_type: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    data_base64: Option<Text<'a>>,
+    #[serde(default)]
+    expected_head: Option<u64>,
+    #[serde(default)]
+    expected_position: Option<u64>,
+}
+
+/// A JSON string that borrows from the body unless it holds escapes.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for TextVisitor<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(TextVisitor(std::marker::PhantomData))
+    }
+}
+
 /// Checks one event of Lockstep's own format and fills in its defaults.
-fn draft(event: NewEvent) -> Result<Draft, PublishError> {
+fn draft(event: NewEventIn<'_>) -> Result<Draft, PublishError> {
+    let content_type = event.content_type.map(|t| t.0);
     let (content_type, data) = match (event.data, event.data_base64) {
         (Some(_), Some(_)) => {
             return Err(PublishError::invalid(
@@ -78,42 +135,36 @@ fn draft(event: NewEvent) -> Result<Draft, PublishError> {
             ));
         }
         (Some(json), None) => {
-            let content_type = event
-                .content_type
-                .unwrap_or_else(|| JSON_CONTENT_TYPE.to_owned());
+            let content_type = content_type.unwrap_or(Cow::Borrowed(JSON_CONTENT_TYPE));
             if !is_json_content_type(&content_type) {
                 return Err(PublishError::invalid(format!(
                     "content_type {content_type:?} is not JSON, so the data must come as data_base64"
                 )));
             }
-            (content_type, json.get().as_bytes().to_vec())
+            (content_type, Cow::Borrowed(json.get().as_bytes()))
         }
         (None, Some(b64)) => {
             let bytes = base64::engine::general_purpose::STANDARD
-                .decode(b64.as_bytes())
+                .decode(b64.0.as_bytes())
                 .map_err(|e| PublishError::invalid(format!("data_base64 is not base64: {e}")))?;
-            let content_type = event
-                .content_type
-                .unwrap_or_else(|| OCTET_STREAM.to_owned());
+            let content_type = content_type.unwrap_or(Cow::Borrowed(OCTET_STREAM));
             if is_json_content_type(&content_type) {
                 return Err(PublishError::invalid(format!(
                     "content_type {content_type:?} is JSON, so the data must come as data"
                 )));
             }
-            (content_type, bytes)
+            (content_type, Cow::Owned(bytes))
         }
         (None, None) => (
-            event
-                .content_type
-                .unwrap_or_else(|| JSON_CONTENT_TYPE.to_owned()),
-            Vec::new(),
+            content_type.unwrap_or(Cow::Borrowed(JSON_CONTENT_TYPE)),
+            Cow::Borrowed(&[][..]),
         ),
     };
     Fields {
-        event_type: event.event_type,
-        id: event.id,
-        source: event.source,
-        key: event.key,
+        event_type: event.event_type.0,
+        id: event.id.map(|t| t.0),
+        source: event.source.map(|t| t.0),
+        key: event.key.map(|t| t.0),
         occurred_at: event.occurred_at,
         content_type,
         data,
@@ -124,29 +175,32 @@ fn draft(event: NewEvent) -> Result<Draft, PublishError> {
 }
 
 /// An event's attributes whatever format they came in, before the common checks.
-pub(crate) struct Fields {
-    pub event_type: String,
-    pub id: Option<String>,
-    pub source: Option<String>,
-    pub key: Option<String>,
+pub(crate) struct Fields<'a> {
+    pub event_type: Cow<'a, str>,
+    pub id: Option<Cow<'a, str>>,
+    pub source: Option<Cow<'a, str>>,
+    pub key: Option<Cow<'a, str>>,
     pub occurred_at: Option<DateTime<Utc>>,
-    pub content_type: String,
-    pub data: Vec<u8>,
+    pub content_type: Cow<'a, str>,
+    pub data: Cow<'a, [u8]>,
     pub expected_head: Option<u64>,
     pub expected_position: Option<u64>,
 }
 
-impl Fields {
+impl Fields<'_> {
     /// The checks every event passes, whatever format it came in.
     pub(crate) fn check(self) -> Result<Draft, PublishError> {
         validate_client_type(&self.event_type).map_err(|e| PublishError::invalid(e.to_string()))?;
         let id_generated = self.id.is_none();
-        let id = match self.id {
+        let mut uuid_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let id: &str = match &self.id {
             Some(id) => {
-                check_text("id", &id)?;
+                check_text("id", id)?;
                 id
             }
-            None => uuid::Uuid::now_v7().to_string(),
+            None => uuid::Uuid::now_v7()
+                .hyphenated()
+                .encode_lower(&mut uuid_text),
         };
         let source = self.source.unwrap_or_default();
         if source.len() > MAX_ID_LEN {
@@ -183,7 +237,7 @@ impl Fields {
         let record = RecordRef {
             position: 0,
             time_ns: 0,
-            id: &id,
+            id,
             event_type: &self.event_type,
             source: &source,
             key: self.key.as_deref(),
