@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use lockstep_proto::TypeFilter;
-use lockstep_proto::wire::write_event_json;
+use lockstep_proto::wire::{EventJsonWriter, write_event_json};
 use tokio::sync::watch;
 
 use crate::error::ReadError;
@@ -108,7 +108,8 @@ pub async fn read_one(log: &Log, position: u64) -> Result<Vec<u8>, ReadError> {
 }
 
 struct Scan {
-    events: Vec<u8>,
+    /// The page's body so far: the opening of the object and the events.
+    body: Vec<u8>,
     count: usize,
     next_after: u64,
     complete: bool,
@@ -117,12 +118,10 @@ struct Scan {
 
 impl Scan {
     fn into_page(self, head: u64) -> Page {
-        let mut body = Vec::with_capacity(self.events.len() + 80);
-        body.extend_from_slice(b"{\"events\":[");
-        body.extend_from_slice(&self.events);
-        body.extend_from_slice(
-            format!("],\"head\":{head},\"next_after\":{}", self.next_after).as_bytes(),
-        );
+        let mut body = self.body;
+        fill_slot(&mut body, HEAD_SLOT, head);
+        fill_slot(&mut body, NEXT_AFTER_SLOT, self.next_after);
+        body.push(b']');
         if self.complete {
             body.extend_from_slice(b",\"complete\":true");
         }
@@ -134,8 +133,27 @@ impl Scan {
     }
 }
 
+/// A page opens with `head` and `next_after`, before the events, so a client can send its next
+/// read before it has parsed this page (read-ahead). Their values are only known after the scan,
+/// so the opening leaves 20 spaces for each (JSON allows whitespace after a number) and the scan
+/// fills them in.
+const PAGE_OPENING: &[u8] =
+    b"{\"head\":                    ,\"next_after\":                    ,\"events\":[";
+const HEAD_SLOT: usize = 8;
+const NEXT_AFTER_SLOT: usize = 42;
+
+fn fill_slot(body: &mut [u8], at: usize, value: u64) {
+    let digits = value.to_string();
+    body[at..at + digits.len()].copy_from_slice(digits.as_bytes());
+}
+
+/// Bytes reserved per requested event up front, so a page rarely grows (and copies) its buffer.
+const RESERVE_PER_EVENT: usize = 512;
+
 fn scan_page(log: &Log, query: &ReadQuery, head: u64) -> Result<Scan, ReadError> {
-    let mut events = Vec::with_capacity(64 * 1024);
+    let mut events = Vec::with_capacity((query.limit * RESERVE_PER_EVENT).min(MAX_PAGE_BYTES));
+    events.extend_from_slice(PAGE_OPENING);
+    let mut writer = EventJsonWriter::default();
     let mut count = 0;
     let mut scanned = 0;
     let mut next_after = query.after;
@@ -158,7 +176,7 @@ fn scan_page(log: &Log, query: &ReadQuery, head: u64) -> Result<Scan, ReadError>
             if count > 0 {
                 events.push(b',');
             }
-            write_event_json(&mut events, record, hash);
+            writer.write(&mut events, record, hash);
             count += 1;
         }
         next_after = record.position;
@@ -176,7 +194,7 @@ fn scan_page(log: &Log, query: &ReadQuery, head: u64) -> Result<Scan, ReadError>
                 .is_some_and(|now| now > until)
     });
     Ok(Scan {
-        events,
+        body: events,
         count,
         next_after,
         complete: passed_until || until_behind_clock,
@@ -192,4 +210,26 @@ async fn blocking<T: Send + 'static>(
             "read task failed: {e}"
         )))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_opening_slots_hold_any_u64() {
+        assert_eq!(&PAGE_OPENING[HEAD_SLOT - 8..HEAD_SLOT], b"{\"head\":");
+        assert_eq!(
+            &PAGE_OPENING[NEXT_AFTER_SLOT - 13..NEXT_AFTER_SLOT],
+            b"\"next_after\":"
+        );
+        let mut body = PAGE_OPENING.to_vec();
+        fill_slot(&mut body, HEAD_SLOT, u64::MAX);
+        fill_slot(&mut body, NEXT_AFTER_SLOT, 7);
+        body.extend_from_slice(b"]}");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["head"], u64::MAX);
+        assert_eq!(v["next_after"], 7);
+        assert_eq!(v["events"], serde_json::json!([]));
+    }
 }

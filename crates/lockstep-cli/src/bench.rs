@@ -290,16 +290,13 @@ async fn read_bench(
         }
     }
     let started = Instant::now();
-    let mut request = ReadRequest::after(0).limit(page);
+    let mut pages = client.pages(ReadRequest::after(0).limit(page));
     let mut read = 0u64;
     let mut bytes = 0usize;
     let mut rss = vec![rss_mib()];
     let sample_every = (events / 10).max(1);
-    while read < events {
-        let response = client.read(&request).await?;
-        if response.events.is_empty() {
-            break;
-        }
+    while let Some(response) = pages.next().await {
+        let response = response?;
         for event in &response.events {
             bytes += event.data.as_ref().map_or(0, |d| d.get().len()) + 200;
         }
@@ -308,7 +305,9 @@ async fn read_bench(
         if read / sample_every != before / sample_every {
             rss.push(rss_mib());
         }
-        request.after = response.next_after;
+        if read >= events {
+            break;
+        }
     }
     let seconds = started.elapsed().as_secs_f64();
     let figures = ReadFigures {

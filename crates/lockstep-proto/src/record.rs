@@ -227,6 +227,9 @@ impl<'a> RecordRef<'a> {
 
 /// Whether a content type denotes JSON (`application/json`, `…+json`, with or without parameters).
 pub fn is_json_content_type(content_type: &str) -> bool {
+    if content_type == JSON_CONTENT_TYPE {
+        return true;
+    }
     let essence = content_type
         .split(';')
         .next()

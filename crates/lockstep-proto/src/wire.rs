@@ -70,6 +70,7 @@ pub struct PublishAck {
     /// Chain hash at `position`, hex.
     pub hash: String,
     /// Broker receive time.
+    #[serde(deserialize_with = "time_format::deserialize")]
     pub time: DateTime<Utc>,
     /// True when the id was already stored: this is the original position, nothing was written.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -112,9 +113,14 @@ pub struct Event {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
     /// Broker receive time.
+    #[serde(deserialize_with = "time_format::deserialize")]
     pub time: DateTime<Utc>,
     /// The client's own time.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "time_format::deserialize_option"
+    )]
     pub occurred_at: Option<DateTime<Utc>>,
     /// Content type of the data; absent means `application/json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -181,6 +187,102 @@ fn nanos(t: DateTime<Utc>) -> Result<i64, DecodeError> {
         .ok_or_else(|| DecodeError::new(format!("time {t} is out of range")))
 }
 
+/// Reading times fast: a catch-up read parses one per event, and chrono's general RFC 3339 parser
+/// dominated the client's profile. The broker always writes `YYYY-MM-DDTHH:MM:SS[.fraction]Z`;
+/// anything else falls back to chrono.
+mod time_format {
+    use chrono::{DateTime, NaiveDate, Utc};
+    use serde::Deserializer;
+    use serde::de::{Error, Visitor};
+
+    struct TimeVisitor;
+
+    impl Visitor<'_> for TimeVisitor {
+        type Value = DateTime<Utc>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an RFC 3339 time")
+        }
+
+        fn visit_str<E: Error>(self, text: &str) -> Result<Self::Value, E> {
+            parse_utc(text)
+                .or_else(|| {
+                    DateTime::parse_from_rfc3339(text)
+                        .ok()
+                        .map(|t| t.with_timezone(&Utc))
+                })
+                .ok_or_else(|| E::custom(format!("{text:?} is not an RFC 3339 time")))
+        }
+    }
+
+    fn number(bytes: &[u8]) -> Option<u32> {
+        bytes.iter().try_fold(0u32, |n, &b| {
+            b.is_ascii_digit().then(|| n * 10 + u32::from(b - b'0'))
+        })
+    }
+
+    /// `YYYY-MM-DDTHH:MM:SS[.d{1,9}]Z`, or `None`.
+    pub(super) fn parse_utc(text: &str) -> Option<DateTime<Utc>> {
+        let b = text.as_bytes();
+        if b.len() < 20
+            || b[4] != b'-'
+            || b[7] != b'-'
+            || b[10] != b'T'
+            || b[13] != b':'
+            || b[16] != b':'
+            || *b.last()? != b'Z'
+        {
+            return None;
+        }
+        let fraction = &b[19..b.len() - 1];
+        let nanos = match fraction {
+            [] => 0,
+            [b'.', digits @ ..] if (1..=9).contains(&digits.len()) => {
+                number(digits)? * 10u32.pow(9 - digits.len() as u32)
+            }
+            _ => return None,
+        };
+        let date = NaiveDate::from_ymd_opt(
+            i32::try_from(number(&b[0..4])?).ok()?,
+            number(&b[5..7])?,
+            number(&b[8..10])?,
+        )?;
+        let time = date.and_hms_nano_opt(
+            number(&b[11..13])?,
+            number(&b[14..16])?,
+            number(&b[17..19])?,
+            nanos,
+        )?;
+        Some(time.and_utc())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        d.deserialize_str(TimeVisitor)
+    }
+
+    pub(super) fn deserialize_option<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<DateTime<Utc>>, D::Error> {
+        struct OptionVisitor;
+        impl<'de> Visitor<'de> for OptionVisitor {
+            type Value = Option<DateTime<Utc>>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an RFC 3339 time or null")
+            }
+            fn visit_none<E: Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_unit<E: Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+                d.deserialize_str(TimeVisitor).map(Some)
+            }
+        }
+        d.deserialize_option(OptionVisitor)
+    }
+}
+
 /// Answer to `GET /v1/events`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReadResponse {
@@ -222,44 +324,76 @@ pub struct ErrorDetail {
 ///
 /// This is the read path's hot loop, so it writes bytes directly instead of building an [`Event`]:
 /// JSON data is copied through untouched, which also keeps it byte-identical to what was hashed.
+/// To write many events, keep one [`EventJsonWriter`] instead.
 pub fn write_event_json(out: &mut Vec<u8>, record: &RecordRef<'_>, hash: &ChainHash) {
-    out.extend_from_slice(b"{\"position\":");
-    out.extend_from_slice(itoa(record.position, &mut [0; 20]));
-    out.extend_from_slice(b",\"id\":");
-    write_json_str(out, record.id);
-    out.extend_from_slice(b",\"type\":");
-    write_json_str(out, record.event_type);
-    out.extend_from_slice(b",\"source\":");
-    write_json_str(out, record.source);
-    if let Some(key) = record.key {
-        out.extend_from_slice(b",\"key\":");
-        write_json_str(out, key);
-    }
-    out.extend_from_slice(b",\"time\":\"");
-    write_time(out, record.time());
-    if let Some(t) = record.occurred_at() {
-        out.extend_from_slice(b"\",\"occurred_at\":\"");
-        write_time(out, t);
-    }
-    out.push(b'"');
-    if record.content_type != JSON_CONTENT_TYPE {
-        out.extend_from_slice(b",\"content_type\":");
-        write_json_str(out, record.content_type);
-    }
-    if record.is_json() {
-        if !record.data.is_empty() {
-            out.extend_from_slice(b",\"data\":");
-            out.extend_from_slice(record.data);
+    EventJsonWriter::default().write(out, record, hash);
+}
+
+/// Writes events as JSON like [`write_event_json`], remembering the last broker time it formatted:
+/// the events of one publish share their time, so most events of a page reuse it.
+#[derive(Debug, Default)]
+pub struct EventJsonWriter {
+    last_time_ns: Option<i64>,
+    last_time: Vec<u8>,
+}
+
+impl EventJsonWriter {
+    /// Appends the JSON form of `record` to `out`.
+    pub fn write(&mut self, out: &mut Vec<u8>, record: &RecordRef<'_>, hash: &ChainHash) {
+        out.extend_from_slice(b"{\"position\":");
+        out.extend_from_slice(itoa(record.position, &mut [0; 20]));
+        out.extend_from_slice(b",\"id\":");
+        write_json_str(out, record.id);
+        out.extend_from_slice(b",\"type\":");
+        write_json_str(out, record.event_type);
+        out.extend_from_slice(b",\"source\":");
+        write_json_str(out, record.source);
+        if let Some(key) = record.key {
+            out.extend_from_slice(b",\"key\":");
+            write_json_str(out, key);
         }
-    } else {
-        out.extend_from_slice(b",\"data_base64\":\"");
-        let b64 = base64::engine::general_purpose::STANDARD.encode(record.data);
-        out.extend_from_slice(b64.as_bytes());
+        out.extend_from_slice(b",\"time\":\"");
+        if self.last_time_ns != Some(record.time_ns) {
+            self.last_time.clear();
+            write_time(&mut self.last_time, record.time());
+            self.last_time_ns = Some(record.time_ns);
+        }
+        out.extend_from_slice(&self.last_time);
+        if let Some(t) = record.occurred_at() {
+            out.extend_from_slice(b"\",\"occurred_at\":\"");
+            write_time(out, t);
+        }
         out.push(b'"');
+        if record.content_type != JSON_CONTENT_TYPE {
+            out.extend_from_slice(b",\"content_type\":");
+            write_json_str(out, record.content_type);
+        }
+        if record.is_json() {
+            if !record.data.is_empty() {
+                out.extend_from_slice(b",\"data\":");
+                out.extend_from_slice(record.data);
+            }
+        } else {
+            out.extend_from_slice(b",\"data_base64\":\"");
+            let b64 = base64::engine::general_purpose::STANDARD.encode(record.data);
+            out.extend_from_slice(b64.as_bytes());
+            out.push(b'"');
+        }
+        out.extend_from_slice(b",\"hash\":\"");
+        out.extend_from_slice(&hex32(&hash.0));
+        out.extend_from_slice(b"\"}");
     }
-    out.extend_from_slice(b",\"hash\":\"");
-    out.extend_from_slice(blake3::Hash::from_bytes(hash.0).to_hex().as_bytes());
-    out.extend_from_slice(b"\"}");
+}
+
+/// Lowercase hex of a 32-byte hash.
+fn hex32(bytes: &[u8; 32]) -> [u8; 64] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0; 64];
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0x0f)];
+    }
+    out
 }
 
 /// The JSON body of a publish answer, `{"events": [ack, ...]}` (the shape of [`PublishResponse`]).
@@ -477,6 +611,62 @@ mod tests {
             serde_json::from_slice(&write_publish_response(&acks)).unwrap();
         let serde = serde_json::to_value(PublishResponse { events: acks }).unwrap();
         assert_eq!(ours, serde);
+    }
+
+    #[test]
+    fn fast_time_parse_agrees_with_chrono() {
+        for ns in [
+            0i64,
+            1,
+            1_000_000,
+            1_780_000_000_123_456_789,
+            1_780_000_000_120_000_000,
+        ] {
+            let t = DateTime::from_timestamp_nanos(ns);
+            let text = t.to_rfc3339_opts(SecondsFormat::AutoSi, true);
+            assert_eq!(time_format::parse_utc(&text), Some(t), "{text}");
+        }
+        for odd in [
+            "2026-11-01T00:00:00+01:00",
+            "2026-13-01T00:00:00Z",
+            "2026-11-01T00:00:00.Z",
+            "x",
+        ] {
+            assert_eq!(time_format::parse_utc(odd), None, "{odd}");
+        }
+        let offset: Event = serde_json::from_str(
+            r#"{"position":1,"id":"a","type":"x.y","time":"2026-11-01T01:00:00+01:00","hash":"00"}"#,
+        )
+        .unwrap();
+        assert_eq!(offset.time.to_rfc3339(), "2026-11-01T00:00:00+00:00");
+    }
+
+    #[test]
+    fn hex_matches_blake3() {
+        let h = GENESIS_HASH.next(b"abc");
+        assert_eq!(hex32(&h.0).as_slice(), h.to_hex().as_bytes());
+    }
+
+    #[test]
+    fn the_time_cache_never_serves_a_stale_time() {
+        let mut writer = EventJsonWriter::default();
+        for time_ns in [5, 5, 6_000_000_000, 5] {
+            let record = RecordRef {
+                position: 1,
+                time_ns,
+                id: "a",
+                event_type: "x.y",
+                source: "",
+                key: None,
+                occurred_at_ns: None,
+                content_type: JSON_CONTENT_TYPE,
+                data: b"1",
+            };
+            let mut out = Vec::new();
+            writer.write(&mut out, &record, &GENESIS_HASH);
+            let event: Event = serde_json::from_slice(&out).unwrap();
+            assert_eq!(event.time, DateTime::from_timestamp_nanos(time_ns));
+        }
     }
 
     #[test]

@@ -209,6 +209,37 @@ impl Client {
         decode(response).await
     }
 
+    /// Reads page after page from `request.after` up to the head, keeping the next read in
+    /// flight while the caller works on the current page (read-ahead), so a catch-up overlaps
+    /// the broker's work with the client's. See [`Pages`].
+    pub fn pages(&self, request: ReadRequest) -> Pages {
+        Pages {
+            client: self.clone(),
+            request,
+            in_flight: None,
+            done: false,
+        }
+    }
+
+    async fn read_bytes(&self, request: &ReadRequest) -> Result<bytes::Bytes, ClientError> {
+        let timeout = REQUEST_TIMEOUT + request.wait.unwrap_or_default();
+        let response = self
+            .http
+            .get(format!("{}/v1/events", self.base))
+            .query(&request.query())
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(ClientError::Unreachable)?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(ClientError::Unreachable)?;
+        if status == StatusCode::OK {
+            Ok(body)
+        } else {
+            Err(api_error(status, &body))
+        }
+    }
+
     /// The event at `position`.
     pub async fn event(&self, position: u64) -> Result<Event, ClientError> {
         self.get(&format!("/v1/events/{position}")).await
@@ -231,6 +262,79 @@ impl Client {
     }
 }
 
+/// Pages of a catch-up read, from [`Client::pages`]. Ends after the page that reaches the head
+/// the broker reported (events published meanwhile are for the next catch-up or a long-poll).
+pub struct Pages {
+    client: Client,
+    request: ReadRequest,
+    in_flight: Option<tokio::task::JoinHandle<Result<bytes::Bytes, ClientError>>>,
+    done: bool,
+}
+
+impl Pages {
+    /// The next page, or `None` once the head is reached.
+    pub async fn next(&mut self) -> Option<Result<ReadResponse, ClientError>> {
+        if self.done {
+            return None;
+        }
+        let body = match self.in_flight.take() {
+            Some(task) => match task.await {
+                Ok(body) => body,
+                Err(e) => Err(ClientError::Protocol(format!("read task failed: {e}"))),
+            },
+            None => self.client.read_bytes(&self.request).await,
+        };
+        let body = match body {
+            Ok(body) => body,
+            Err(e) => {
+                self.done = true;
+                return Some(Err(e));
+            }
+        };
+        // The broker writes head and next_after before the events: start the next read now.
+        let peeked = peek_positions(&body);
+        if let Some((head, next_after)) = peeked {
+            if next_after < head {
+                let (client, mut request) = (self.client.clone(), self.request.clone());
+                request.after = next_after;
+                request.since = None;
+                self.in_flight = Some(tokio::spawn(
+                    async move { client.read_bytes(&request).await },
+                ));
+            }
+        }
+        let page: ReadResponse = match serde_json::from_slice(&body) {
+            Ok(page) => page,
+            Err(e) => {
+                self.done = true;
+                return Some(Err(ClientError::Protocol(format!("undecodable page: {e}"))));
+            }
+        };
+        self.request.after = page.next_after;
+        self.request.since = None;
+        if page.complete || page.next_after >= page.head {
+            self.done = true;
+        }
+        Some(Ok(page))
+    }
+}
+
+/// `head` and `next_after` from the opening of a page, where the broker puts them.
+fn peek_positions(body: &[u8]) -> Option<(u64, u64)> {
+    let opening = body.get(..body.len().min(128))?;
+    let value = |key: &[u8]| -> Option<u64> {
+        let at = opening.windows(key.len()).position(|w| w == key)? + key.len();
+        let digits: Vec<u8> = opening[at..]
+            .iter()
+            .copied()
+            .skip_while(u8::is_ascii_whitespace)
+            .take_while(u8::is_ascii_digit)
+            .collect();
+        std::str::from_utf8(&digits).ok()?.parse().ok()
+    };
+    Some((value(b"\"head\":")?, value(b"\"next_after\":")?))
+}
+
 async fn decode<T: DeserializeOwned>(response: reqwest::Response) -> Result<T, ClientError> {
     let status = response.status();
     let body = response.bytes().await.map_err(ClientError::Unreachable)?;
@@ -238,20 +342,37 @@ async fn decode<T: DeserializeOwned>(response: reqwest::Response) -> Result<T, C
         return serde_json::from_slice(&body)
             .map_err(|e| ClientError::Protocol(format!("undecodable {status} answer: {e}")));
     }
-    match serde_json::from_slice::<ErrorBody>(&body) {
-        Ok(ErrorBody { error }) => Err(ClientError::Api {
+    Err(api_error(status, &body))
+}
+
+fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(ErrorBody { error }) => ClientError::Api {
             status: status.as_u16(),
             code: error.code,
             message: error.message,
             current: error.current,
             index: error.index,
-        }),
-        Err(_) => Err(ClientError::Api {
+        },
+        Err(_) => ClientError::Api {
             status: status.as_u16(),
             code: "http".into(),
-            message: String::from_utf8_lossy(&body).chars().take(200).collect(),
+            message: String::from_utf8_lossy(body).chars().take(200).collect(),
             current: None,
             index: None,
-        }),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peeks_positions_from_the_opening() {
+        let body = br#"{"head":1200                ,"next_after":1000               ,"events":[]}"#;
+        assert_eq!(peek_positions(body), Some((1200, 1000)));
+        assert_eq!(peek_positions(br#"{"events":[],"head":5}"#), None);
+        assert_eq!(peek_positions(b""), None);
     }
 }

@@ -22,6 +22,6 @@
 
 mod client;
 
-pub use client::{Client, ClientError, ReadRequest};
+pub use client::{Client, ClientError, Pages, ReadRequest};
 pub use lockstep_proto::wire::{Event, Head, NewEvent, PublishAck, ReadResponse};
 pub use lockstep_proto::{ChainHash, GENESIS_HASH};
