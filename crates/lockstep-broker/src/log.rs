@@ -7,7 +7,7 @@
 //! - `key_heads`: entity key → position of the last event with that key, for `expected_position`.
 //!
 //! Invariants, kept by the writer alone: positions are gapless; `time` never decreases along
-//! positions; `hash(n) = blake3(hash(n-1) ‖ canonical(n))`; the three tables change in the same
+//! positions; the chain of [`lockstep_proto::record`] holds at every position; the tables change in the same
 //! transaction, so a crash leaves all of them at the same committed prefix.
 //!
 //! Every append goes through [`Log::append`], which queues a request to the writer thread. The
@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use chrono::Utc;
-use lockstep_proto::record::{ChainHash, GENESIS_HASH, RecordRef};
+use lockstep_proto::record::{ChainHash, GENESIS_HASH, HEADER_LEN, RecordRef, content_digest};
 use lockstep_proto::wire::PublishAck;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -56,6 +56,8 @@ pub struct Draft {
     expected_position: Option<u64>,
     /// Canonical bytes with position and time zero, with capacity for the chain hash after them.
     canonical: Vec<u8>,
+    /// blake3 of the canonical bytes after the header, computed on the request's task.
+    content_digest: [u8; 32],
 }
 
 impl Draft {
@@ -77,6 +79,7 @@ impl Draft {
         };
         let mut canonical = Vec::with_capacity(record.encoded_len() + 32);
         record.encode(&mut canonical);
+        let content_digest = content_digest(&canonical[HEADER_LEN..]);
         Self {
             id: record.id.to_owned(),
             id_generated,
@@ -84,6 +87,7 @@ impl Draft {
             expected_head,
             expected_position,
             canonical,
+            content_digest,
         }
     }
 
@@ -471,7 +475,10 @@ impl Writer {
                     debug_assert_eq!(position, self.tip.position + 1);
                     let time_ns = now.max(self.tip.time_ns);
                     RecordRef::stamp(&mut draft.canonical, position, time_ns)?;
-                    let hash = self.tip.hash.next(&draft.canonical);
+                    let hash = self
+                        .tip
+                        .hash
+                        .next_parts(&draft.canonical[..HEADER_LEN], &draft.content_digest);
                     draft.canonical.extend_from_slice(&hash.0);
                     self.chunk.push(position, &draft.canonical);
                     if self.chunk.is_full() {
