@@ -480,10 +480,10 @@ impl Writer {
                         .hash
                         .next_parts(&draft.canonical[..HEADER_LEN], &draft.content_digest);
                     draft.canonical.extend_from_slice(&hash.0);
-                    self.chunk.push(position, &draft.canonical);
-                    if self.chunk.is_full() {
+                    if self.chunk.is_full_for(draft.canonical.len()) {
                         self.flush_chunk(tables)?;
                     }
+                    self.chunk.push(position, &draft.canonical);
                     tables.ids.insert(draft.id.as_str(), position)?;
                     if let Some(key) = &draft.key {
                         tables.keys.insert(key.as_str(), position)?;

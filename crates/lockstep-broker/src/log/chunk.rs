@@ -23,8 +23,10 @@ use redb::ReadableTable;
 use crate::error::StoreError;
 
 const CHUNK_VERSION: u8 = 1;
-/// A chunk is closed once it holds this many bytes.
-pub(super) const MAX_CHUNK_BYTES: usize = 64 << 10;
+/// A chunk takes no record that would grow it past this many bytes (unless it is the chunk's only
+/// record). redb sizes pages in powers of two, so a value just over 64 KiB would occupy 128 KiB:
+/// this bound leaves room for the page's own header within 64 KiB.
+pub(super) const MAX_CHUNK_BYTES: usize = (64 << 10) - 512;
 /// A chunk is closed once it holds this many events.
 pub(super) const MAX_CHUNK_EVENTS: usize = 256;
 
@@ -63,8 +65,10 @@ impl ChunkBuilder {
         self.count += 1;
     }
 
-    pub(super) fn is_full(&self) -> bool {
-        self.count >= MAX_CHUNK_EVENTS || self.bytes.len() >= MAX_CHUNK_BYTES
+    /// Whether the chunk must be taken before a stored record of `len` bytes is pushed.
+    pub(super) fn is_full_for(&self, len: usize) -> bool {
+        self.count > 0
+            && (self.count >= MAX_CHUNK_EVENTS || self.bytes.len() + 4 + len > MAX_CHUNK_BYTES)
     }
 
     /// The finished chunk (first position, bytes), if it holds any event; the builder is emptied.
@@ -178,11 +182,12 @@ mod tests {
     #[test]
     fn builder_round_trip_and_limits() {
         let mut builder = ChunkBuilder::new();
+        let len = stored(1).len();
         for p in 5..5 + MAX_CHUNK_EVENTS as u64 {
-            assert!(!builder.is_full());
+            assert!(!builder.is_full_for(len));
             builder.push(p, &stored(p));
         }
-        assert!(builder.is_full());
+        assert!(builder.is_full_for(len));
         let (first, bytes) = builder.take().unwrap();
         assert_eq!(first, 5);
         let mut seen = Vec::new();
@@ -193,6 +198,21 @@ mod tests {
         .unwrap();
         assert_eq!(seen, (5..5 + MAX_CHUNK_EVENTS as u64).collect::<Vec<_>>());
         assert!(builder.take().is_none());
+    }
+
+    #[test]
+    fn a_chunk_stays_within_its_byte_bound() {
+        let mut builder = ChunkBuilder::new();
+        let big = vec![7u8; 20_000];
+        for p in 1..=3 {
+            builder.push(p, &big);
+        }
+        // 1 + 3 × (4 + 20,000) = 60,013 bytes so far.
+        assert!(!builder.is_full_for(4_000));
+        assert!(builder.is_full_for(6_000));
+        assert!(builder.take().unwrap().1.len() <= MAX_CHUNK_BYTES);
+        // A record larger than the bound still gets a chunk of its own.
+        assert!(!builder.is_full_for(MAX_CHUNK_BYTES * 2));
     }
 
     #[test]
