@@ -795,4 +795,53 @@ mod tests {
         assert_eq!((second[1].position, second[1].duplicate), (2, true));
         assert_eq!(second[1].hash, first[1].hash);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// Whatever mix of batches, repeated ids and expectations is appended: positions are
+        /// gapless from 1, times never decrease, the chain verifies, every id is stored once and
+        /// every ack names what is stored at its position.
+        #[test]
+        fn log_invariants_hold_for_any_appends(
+            requests in proptest::collection::vec(
+                proptest::collection::vec((0u8..40, proptest::option::of(0u64..30)), 1..40),
+                1..12,
+            ),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            runtime.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let log = Log::open(dir.path(), 1 << 20).unwrap();
+                let mut acked = Vec::new();
+                for request in &requests {
+                    let drafts = request
+                        .iter()
+                        .map(|(id, head)| draft_with(&format!("id-{id}"), None, *head, None))
+                        .collect();
+                    if let Ok(acks) = log.append(drafts).await {
+                        acked.extend(acks);
+                    }
+                }
+                let chain = chain_of(&log);
+                let positions: Vec<u64> = chain.iter().map(|c| c.0).collect();
+                assert_eq!(positions, (1..=chain.len() as u64).collect::<Vec<_>>());
+                assert!(chain.windows(2).all(|w| w[0].1 <= w[1].1));
+                let mut ids = std::collections::HashSet::new();
+                log.scan(0, |record, _| {
+                    assert!(ids.insert(record.id.to_owned()), "{} stored twice", record.id);
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
+                for ack in &acked {
+                    let (id, hash) = log
+                        .get(ack.position, |r, h| (r.id.to_owned(), h.to_hex()))
+                        .unwrap()
+                        .unwrap();
+                    assert_eq!((id.as_str(), hash.as_str()), (ack.id.as_str(), ack.hash.as_str()));
+                }
+                assert_eq!(log.tip().position, chain.len() as u64);
+            });
+        }
+    }
 }
