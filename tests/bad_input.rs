@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use lockstep_e2e::{TestBroker, error_of};
+use lockstep_e2e::{TestBroker, error_of, refused};
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use serde_json::json;
@@ -14,26 +14,6 @@ async fn broker_with_events() -> TestBroker {
         .publish(&json!([{"type": "seed.one"}, {"type": "seed.two", "key": "k"}]))
         .await;
     broker
-}
-
-/// Sends `request`, checks its status and error code, and that the log did not change.
-async fn refused(
-    broker: &TestBroker,
-    what: &str,
-    request: reqwest::RequestBuilder,
-    status: StatusCode,
-    code: &str,
-) -> lockstep_proto::wire::ErrorDetail {
-    let head = broker.head().await;
-    let (got_status, error) = error_of(request.send().await.unwrap()).await;
-    assert_eq!(
-        (got_status, error.code.as_str()),
-        (status, code),
-        "{what}: {}",
-        error.message
-    );
-    assert_eq!(broker.head().await, head, "{what}: the log changed");
-    error
 }
 
 fn post(

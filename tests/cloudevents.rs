@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use chrono::{DateTime, Utc};
-use lockstep_e2e::{TestBroker, error_of, verify_chain};
+use lockstep_e2e::{TestBroker, refused, verify_chain};
 use lockstep_proto::wire::{Event, PublishResponse};
 use reqwest::StatusCode;
 use reqwest::header::CONTENT_TYPE;
@@ -58,26 +58,6 @@ async fn event_at(broker: &TestBroker, position: u64) -> Event {
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     response.json().await.unwrap()
-}
-
-/// Sends `request`, checks its status and error code, and that the log did not change.
-async fn refused(
-    broker: &TestBroker,
-    what: &str,
-    request: reqwest::RequestBuilder,
-    status: StatusCode,
-    code: &str,
-) -> lockstep_proto::wire::ErrorDetail {
-    let head = broker.head().await;
-    let (got_status, error) = error_of(request.send().await.unwrap()).await;
-    assert_eq!(
-        (got_status, error.code.as_str()),
-        (status, code),
-        "{what}: {}",
-        error.message
-    );
-    assert_eq!(broker.head().await, head, "{what}: the log changed");
-    error
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -208,3 +208,23 @@ pub fn verify_chain(events: &[lockstep_proto::wire::Event]) -> lockstep_proto::C
     }
     hash
 }
+
+/// Sends `request`, checks its status and error code, and that the log did not change.
+pub async fn refused(
+    broker: &TestBroker,
+    what: &str,
+    request: reqwest::RequestBuilder,
+    status: reqwest::StatusCode,
+    code: &str,
+) -> lockstep_proto::wire::ErrorDetail {
+    let head = broker.head().await;
+    let (got_status, error) = error_of(request.send().await.expect("send")).await;
+    assert_eq!(
+        (got_status, error.code.as_str()),
+        (status, code),
+        "{what}: {}",
+        error.message
+    );
+    assert_eq!(broker.head().await, head, "{what}: the log changed");
+    error
+}

@@ -197,16 +197,9 @@ impl Client {
 
     /// Reads one page of events.
     pub async fn read(&self, request: &ReadRequest) -> Result<ReadResponse, ClientError> {
-        let timeout = REQUEST_TIMEOUT + request.wait.unwrap_or_default();
-        let response = self
-            .http
-            .get(format!("{}/v1/events", self.base))
-            .query(&request.query())
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(ClientError::Unreachable)?;
-        decode(response).await
+        let body = self.read_bytes(request).await?;
+        serde_json::from_slice(&body)
+            .map_err(|e| ClientError::Protocol(format!("undecodable page: {e}")))
     }
 
     /// Reads page after page from `request.after` up to the head, keeping the next read in
