@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use lockstep_e2e::{TestBroker, error_of, refused};
+use lockstep_e2e::{TestBroker, refused};
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use serde_json::json;
