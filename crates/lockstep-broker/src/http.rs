@@ -11,10 +11,11 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::DateTime;
 use lockstep_proto::TypeFilter;
+use lockstep_proto::subscription::{Ack, SubscriptionSpec};
 use lockstep_proto::wire::{ErrorBody, ErrorDetail, write_publish_response};
 use serde::Deserialize;
 
@@ -22,7 +23,9 @@ use crate::Broker;
 use crate::cloudevents;
 use crate::error::{AppendError, ConflictKind, PublishError, ReadError};
 use crate::publish::parse_native;
+use crate::read::Layout;
 use crate::read::{DEFAULT_LIMIT, MAX_LIMIT, MAX_WAIT_MS, ReadQuery};
+use crate::registry::RegistryError;
 
 /// The broker's router, with its body limit.
 pub fn router(broker: Broker) -> Router {
@@ -31,6 +34,23 @@ pub fn router(broker: Broker) -> Router {
         .route("/v1/events", get(read_events).post(publish))
         .route("/v1/events/{position}", get(read_event))
         .route("/v1/head", get(head))
+        .route(
+            "/v1/subscriptions",
+            get(list_subscriptions).post(create_subscription),
+        )
+        .route(
+            "/v1/subscriptions/{service}/{replica}",
+            get(get_subscription).delete(delete_subscription),
+        )
+        .route(
+            "/v1/subscriptions/{service}/{replica}/events",
+            get(subscription_events),
+        )
+        .route(
+            "/v1/subscriptions/{service}/{replica}/stream",
+            get(subscription_stream),
+        )
+        .route("/v1/subscriptions/{service}/{replica}/ack", post(ack))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -130,6 +150,23 @@ impl From<PublishError> for ApiError {
             PublishError::Append(AppendError::Storage(e)) => {
                 ApiError::internal("publish failed", e)
             }
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(err: RegistryError) -> Self {
+        match err {
+            RegistryError::Invalid(message) => {
+                ApiError::bad_request("invalid_subscription", message)
+            }
+            RegistryError::Conflict(message) => {
+                ApiError::new(StatusCode::CONFLICT, "subscription_conflict", message)
+            }
+            RegistryError::NotFound(..) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", err.to_string())
+            }
+            RegistryError::Store(e) => ApiError::internal("registry failed", e),
         }
     }
 }
@@ -250,6 +287,7 @@ impl ReadParams {
                 .map(|t| time_param("until", t))
                 .transpose()?,
             wait: Duration::from_millis(wait_ms),
+            ..ReadQuery::default()
         })
     }
 }
@@ -324,6 +362,165 @@ async fn metrics(State(broker): State<Broker>) -> Response {
         broker.metrics_text(),
     )
         .into_response()
+}
+
+/// Parses a JSON body into `T`, answering 400 with serde's words when it does not fit.
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(body_error)?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("malformed JSON body: {e}")))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateParams {
+    #[serde(default)]
+    replace: bool,
+}
+
+async fn create_subscription(
+    State(broker): State<Broker>,
+    params: Result<Query<CreateParams>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) =
+        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let spec: SubscriptionSpec = json_body(body)?;
+    let (info, created) = broker.subscribe(spec, params.replace).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(info)).into_response())
+}
+
+async fn list_subscriptions(State(broker): State<Broker>) -> Result<Response, ApiError> {
+    Ok(Json(broker.subscriptions().await?).into_response())
+}
+
+type SubscriptionPath = Result<Path<(String, String)>, PathRejection>;
+
+fn names(path: SubscriptionPath) -> Result<(String, String), ApiError> {
+    path.map(|Path(names)| names).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_path",
+            format!("bad subscription path: {}", e.body_text()),
+        )
+    })
+}
+
+async fn get_subscription(
+    State(broker): State<Broker>,
+    path: SubscriptionPath,
+) -> Result<Response, ApiError> {
+    let (service, replica) = names(path)?;
+    Ok(Json(broker.subscription(&service, &replica).await?).into_response())
+}
+
+async fn delete_subscription(
+    State(broker): State<Broker>,
+    path: SubscriptionPath,
+) -> Result<Response, ApiError> {
+    let (service, replica) = names(path)?;
+    broker.unsubscribe(&service, &replica).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Query parameters of a subscription's pull routes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PullParams {
+    after: Option<u64>,
+    limit: Option<usize>,
+    wait_ms: Option<u64>,
+}
+
+impl PullParams {
+    fn check(
+        params: Result<Query<PullParams>, QueryRejection>,
+        head: u64,
+    ) -> Result<PullParams, ApiError> {
+        let Query(params) =
+            params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+        if let Some(limit) = params.limit
+            && !(1..=MAX_LIMIT).contains(&limit)
+        {
+            return Err(ApiError::bad_request(
+                "invalid_limit",
+                format!("limit must be between 1 and {MAX_LIMIT}, not {limit}"),
+            ));
+        }
+        if let Some(wait) = params.wait_ms
+            && wait > MAX_WAIT_MS
+        {
+            return Err(ApiError::bad_request(
+                "invalid_wait",
+                format!("wait_ms must be at most {MAX_WAIT_MS}, not {wait}"),
+            ));
+        }
+        if let Some(after) = params.after
+            && after > head
+        {
+            return Err(ApiError::bad_request(
+                "after_past_head",
+                format!("after={after} is past the head of the log ({head})"),
+            ));
+        }
+        Ok(params)
+    }
+}
+
+async fn subscription_events(
+    State(broker): State<Broker>,
+    path: SubscriptionPath,
+    params: Result<Query<PullParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (service, replica) = names(path)?;
+    let sub = broker.subscription_handle(&service, &replica)?;
+    let params = PullParams::check(params, broker.head().position)?;
+    let page = broker
+        .subscription_page(
+            &sub,
+            params.after,
+            params.limit.unwrap_or(DEFAULT_LIMIT),
+            Duration::from_millis(params.wait_ms.unwrap_or(0)),
+            Layout::Page,
+        )
+        .await?;
+    Ok(json_bytes(page.body))
+}
+
+async fn subscription_stream(
+    State(broker): State<Broker>,
+    path: SubscriptionPath,
+    params: Result<Query<PullParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (service, replica) = names(path)?;
+    let sub = broker.subscription_handle(&service, &replica)?;
+    let params = PullParams::check(params, broker.head().position)?;
+    let stream = broker.subscription_stream(sub, params.after);
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-ndjson"),
+        )],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+async fn ack(
+    State(broker): State<Broker>,
+    path: SubscriptionPath,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (service, replica) = names(path)?;
+    let Ack { position } = json_body(body)?;
+    let position = broker.ack(&service, &replica, position)?;
+    Ok(Json(serde_json::json!({ "position": position })).into_response())
 }
 
 async fn not_found() -> ApiError {

@@ -5,6 +5,9 @@
 //! - [`http`]: the axum router; maps requests to domain calls and errors to JSON answers.
 //! - [`publish`] and [`cloudevents`]: the receiver; turns publish bodies into checked drafts.
 //! - [`read`]: pages of events by position or time, long-polling.
+//! - [`registry`]: durable subscriptions and their acknowledged positions (the registrar).
+//! - [`delivery`]: pull delivery to subscriptions (pages, streams, acks) and their health.
+//! - [`push`]: push delivery: POSTing batches to subscribers' URLs, in order, with retries.
 //! - [`log`]: the redb store and its group-committing writer thread.
 //! - [`config`], [`error`], [`metrics`]: settings, error types, counters.
 //!
@@ -21,12 +24,15 @@
 
 pub mod cloudevents;
 pub mod config;
+pub mod delivery;
 pub mod error;
 pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod publish;
+pub mod push;
 pub mod read;
+pub mod registry;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -48,6 +54,7 @@ pub struct Broker {
 
 struct Inner {
     log: Log,
+    registry: Arc<registry::Registry>,
     config: Config,
     /// Turns true when shutdown starts, so long-polls return at once.
     stopping: watch::Sender<bool>,
@@ -57,14 +64,17 @@ impl Broker {
     /// Opens the log in `config.data_dir` (creating it if needed) and starts its writer.
     pub fn open(config: Config) -> Result<Self, StoreError> {
         let log = Log::open(&config.data_dir, config.cache_bytes)?;
+        let registry = Arc::new(registry::Registry::open(&config.data_dir)?);
         tracing::info!(
             data_dir = %config.data_dir.display(),
             head = log.tip().position,
+            subscriptions = registry.all().len(),
             "log opened"
         );
         Ok(Self {
             inner: Arc::new(Inner {
                 log,
+                registry,
                 config,
                 stopping: watch::Sender::new(false),
             }),
@@ -117,11 +127,42 @@ impl Broker {
         &self.inner.log
     }
 
-    /// Starts shutdown: refuses new publishes, wakes long-polls, lets queued commits finish and
-    /// stops the writer.
+    /// Starts the background work of a serving broker: writing acknowledged positions to disk,
+    /// and a push worker for every push subscription. [`serve`] calls it.
+    pub fn start_background(&self) {
+        let broker = self.clone();
+        tokio::spawn(async move {
+            let mut stopping = broker.inner.stopping.subscribe();
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(registry::CURSOR_FLUSH_INTERVAL) => {}
+                    _ = stopping.wait_for(|stop| *stop) => break,
+                }
+                broker.flush_positions().await;
+            }
+        });
+        for sub in self.inner.registry.all() {
+            if sub.push_url().is_some() {
+                push::spawn(self.clone(), sub);
+            }
+        }
+    }
+
+    async fn flush_positions(&self) {
+        let registry = Arc::clone(&self.inner.registry);
+        match tokio::task::spawn_blocking(move || registry.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "writing subscription positions failed"),
+            Err(e) => tracing::error!(error = %e, "position flush task failed"),
+        }
+    }
+
+    /// Starts shutdown: refuses new publishes, wakes long-polls and streams, lets queued commits
+    /// finish, writes acknowledged positions and stops the writer.
     pub async fn close(&self) {
         self.inner.stopping.send_replace(true);
         self.inner.log.close().await;
+        self.flush_positions().await;
     }
 }
 
@@ -132,6 +173,7 @@ pub async fn serve(
     broker: Broker,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    broker.start_background();
     let app = http::router(broker.clone());
     let stopping = broker.clone();
     let result = axum::serve(listener, app)
@@ -146,9 +188,10 @@ pub async fn serve(
     // so of the database. Wait for the last clone, so the data directory's lock is free for the
     // next broker once `serve` returns.
     let database = broker.inner.log.closed_when_dropped();
+    let inner = Arc::downgrade(&broker.inner);
     drop(broker);
     let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
-    while database.strong_count() > 0 {
+    while database.strong_count() > 0 || inner.strong_count() > 0 {
         if tokio::time::Instant::now() >= deadline {
             tracing::warn!("the database is still in use {CLOSE_TIMEOUT:?} after shutdown");
             break;

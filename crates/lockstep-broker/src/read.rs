@@ -7,6 +7,7 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use lockstep_proto::TypeFilter;
+use lockstep_proto::names::is_reserved;
 use lockstep_proto::wire::{EventJsonWriter, write_event_json};
 use tokio::sync::watch;
 
@@ -40,14 +41,36 @@ pub struct ReadQuery {
     pub until_ns: Option<i64>,
     /// How long to wait for a new event when there is none yet.
     pub wait: Duration,
+    /// Control records (`lockstep.*`) pass whatever `filter` says, as subscriptions need.
+    pub with_control: bool,
+    /// Stop after this position.
+    pub until_position: Option<u64>,
+    /// How the events are laid out in the body.
+    pub layout: Layout,
 }
 
-/// One page: the full JSON body of `GET /v1/events`.
+/// How a page's events are laid out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Layout {
+    /// The JSON object of `GET /v1/events`: `{"head", "next_after", "events": [...]}`.
+    #[default]
+    Page,
+    /// One event JSON per line (NDJSON), nothing else: for streams.
+    Lines,
+}
+
+/// One page of events.
 pub struct Page {
-    /// `{"events": [...], "head": H, "next_after": N}`.
+    /// The body, laid out as the query asked.
     pub body: Vec<u8>,
     /// Events in the page.
     pub count: usize,
+    /// Where the next page starts (`after`).
+    pub next_after: u64,
+    /// The head when the page was read.
+    pub head: u64,
+    /// The query's `until`/`until_position` is reached: no later event can match.
+    pub complete: bool,
 }
 
 /// Reads one page, waiting up to `query.wait` for an event if there is none yet. Returns early
@@ -108,8 +131,9 @@ pub async fn read_one(log: &Log, position: u64) -> Result<Vec<u8>, ReadError> {
 }
 
 struct Scan {
-    /// The page's body so far: the opening of the object and the events.
+    /// The body so far: for a page, the opening of the object and the events.
     body: Vec<u8>,
+    layout: Layout,
     count: usize,
     next_after: u64,
     complete: bool,
@@ -119,16 +143,21 @@ struct Scan {
 impl Scan {
     fn into_page(self, head: u64) -> Page {
         let mut body = self.body;
-        fill_slot(&mut body, HEAD_SLOT, head);
-        fill_slot(&mut body, NEXT_AFTER_SLOT, self.next_after);
-        body.push(b']');
-        if self.complete {
-            body.extend_from_slice(b",\"complete\":true");
+        if self.layout == Layout::Page {
+            fill_slot(&mut body, HEAD_SLOT, head);
+            fill_slot(&mut body, NEXT_AFTER_SLOT, self.next_after);
+            body.push(b']');
+            if self.complete {
+                body.extend_from_slice(b",\"complete\":true");
+            }
+            body.push(b'}');
         }
-        body.push(b'}');
         Page {
             body,
             count: self.count,
+            next_after: self.next_after,
+            head,
+            complete: self.complete,
         }
     }
 }
@@ -152,7 +181,9 @@ const RESERVE_PER_EVENT: usize = 512;
 
 fn scan_page(log: &Log, query: &ReadQuery, head: u64) -> Result<Scan, ReadError> {
     let mut events = Vec::with_capacity((query.limit * RESERVE_PER_EVENT).min(MAX_PAGE_BYTES));
-    events.extend_from_slice(PAGE_OPENING);
+    if query.layout == Layout::Page {
+        events.extend_from_slice(PAGE_OPENING);
+    }
     let mut writer = EventJsonWriter::default();
     let mut count = 0;
     let mut scanned = 0;
@@ -164,7 +195,11 @@ fn scan_page(log: &Log, query: &ReadQuery, head: u64) -> Result<Scan, ReadError>
             // Committed after this page's head was taken: leave it for the next page.
             return ControlFlow::Break(());
         }
-        if query.until_ns.is_some_and(|until| record.time_ns > until) {
+        if query.until_ns.is_some_and(|until| record.time_ns > until)
+            || query
+                .until_position
+                .is_some_and(|until| record.position > until)
+        {
             passed_until = true;
             return ControlFlow::Break(());
         }
@@ -172,11 +207,18 @@ fn scan_page(log: &Log, query: &ReadQuery, head: u64) -> Result<Scan, ReadError>
         // `since` became a position when the read began; an event committed later (during a
         // long-poll on a future `since`) can still be older than `since`, so check its time too.
         let after_since = query.since_ns.is_none_or(|since| record.time_ns >= since);
-        if after_since && (filter_all || query.filter.matches(record.event_type)) {
-            if count > 0 {
-                events.push(b',');
+        let selected = filter_all
+            || query.filter.matches(record.event_type)
+            || (query.with_control && is_reserved(record.event_type));
+        if after_since && selected {
+            match query.layout {
+                Layout::Page if count > 0 => events.push(b','),
+                _ => {}
             }
             writer.write(&mut events, record, hash);
+            if query.layout == Layout::Lines {
+                events.push(b'\n');
+            }
             count += 1;
         }
         next_after = record.position;
@@ -193,11 +235,15 @@ fn scan_page(log: &Log, query: &ReadQuery, head: u64) -> Result<Scan, ReadError>
                 .timestamp_nanos_opt()
                 .is_some_and(|now| now > until)
     });
+    let reached_end_position = query
+        .until_position
+        .is_some_and(|until| next_after >= until);
     Ok(Scan {
         body: events,
+        layout: query.layout,
         count,
         next_after,
-        complete: passed_until || until_behind_clock,
+        complete: passed_until || until_behind_clock || reached_end_position,
         budget_spent: scanned >= SCAN_BUDGET,
     })
 }
