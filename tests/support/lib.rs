@@ -15,6 +15,9 @@ pub struct TestBroker {
     pub url: String,
     /// The data directory; kept so the broker can be restarted on the same log.
     pub dir: TempDir,
+    /// The broker itself, for what only the broker may do (e.g. append control records).
+    /// Dropped before the broker stops, since `serve` waits for every handle to go.
+    pub broker: Option<Broker>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<std::io::Result<()>>,
 }
@@ -40,19 +43,22 @@ impl TestBroker {
             .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let (stop, stopped) = oneshot::channel();
+        let handle = broker.clone();
         let task = tokio::spawn(lockstep_broker::serve(listener, broker, async {
             let _ = stopped.await;
         }));
         Self {
             url,
             dir,
+            broker: Some(handle),
             stop,
             task,
         }
     }
 
     /// Stops the broker gracefully and returns its data directory.
-    pub async fn stop(self) -> TempDir {
+    pub async fn stop(mut self) -> TempDir {
+        drop(self.broker.take());
         let _ = self.stop.send(());
         self.task
             .await

@@ -353,15 +353,17 @@ async fn readyz(State(broker): State<Broker>) -> Response {
     }
 }
 
-async fn metrics(State(broker): State<Broker>) -> Response {
-    (
+async fn metrics(State(broker): State<Broker>) -> Result<Response, ApiError> {
+    let mut text = broker.metrics_text();
+    crate::metrics::render_subscriptions(&broker.subscriptions().await?, &mut text);
+    Ok((
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4"),
         )],
-        broker.metrics_text(),
+        text,
     )
-        .into_response()
+        .into_response())
 }
 
 /// Parses a JSON body into `T`, answering 400 with serde's words when it does not fit.

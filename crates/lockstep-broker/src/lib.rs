@@ -94,6 +94,41 @@ impl Broker {
         Ok(self.inner.log.append(drafts).await?)
     }
 
+    /// Appends one of the broker's own control records (type `lockstep.…`), which reach every
+    /// subscription whatever its filter. Clients cannot publish these; later parts of the broker
+    /// (barriers, rollbacks) and tests can.
+    pub async fn append_control(
+        &self,
+        event_type: &str,
+        data: &serde_json::Value,
+    ) -> Result<PublishAck, PublishError> {
+        if !lockstep_proto::names::is_reserved(event_type) {
+            return Err(PublishError::invalid(format!(
+                "{event_type:?} is not a control record type (lockstep.…)"
+            )));
+        }
+        lockstep_proto::names::validate_type(event_type)
+            .map_err(|e| PublishError::invalid(e.to_string()))?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let data = serde_json::to_vec(data)
+            .map_err(|e| PublishError::invalid(format!("control record data: {e}")))?;
+        let record = lockstep_proto::RecordRef {
+            position: 0,
+            time_ns: 0,
+            id: &id,
+            event_type,
+            source: "lockstep",
+            key: None,
+            occurred_at_ns: None,
+            content_type: lockstep_proto::record::JSON_CONTENT_TYPE,
+            data: &data,
+        };
+        let draft = Draft::new(&record, true, None, None);
+        let mut acks = self.publish(vec![draft]).await?;
+        acks.pop()
+            .ok_or_else(|| PublishError::invalid("no ack for the control record"))
+    }
+
     /// One page of events as its JSON body.
     pub async fn read(&self, query: ReadQuery) -> Result<read::Page, ReadError> {
         read::read_page(&self.inner.log, query, self.inner.stopping.subscribe()).await

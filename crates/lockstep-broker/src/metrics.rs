@@ -1,6 +1,8 @@
 //! Counters the broker keeps for `/metrics` (Prometheus text format).
 
 use std::fmt::Write as _;
+
+use lockstep_proto::subscription::{SubscriptionList, SubscriptionState};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -65,5 +67,64 @@ impl LogMetrics {
             self.commit_micros.load(Relaxed) as f64 / 1e6
         );
         out
+    }
+}
+
+/// Renders the registrar's metrics: per-subscription position, lag and push failures.
+pub(crate) fn render_subscriptions(list: &SubscriptionList, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP lockstep_subscriptions Subscriptions the broker keeps.\n\
+         # TYPE lockstep_subscriptions gauge\nlockstep_subscriptions {}",
+        list.subscriptions.len()
+    );
+    let metrics: [(&str, &str, &str); 5] = [
+        (
+            "lockstep_subscription_position",
+            "gauge",
+            "Last acknowledged position.",
+        ),
+        (
+            "lockstep_subscription_lag_events",
+            "gauge",
+            "Log positions not yet acknowledged.",
+        ),
+        (
+            "lockstep_subscription_lag_seconds",
+            "gauge",
+            "Age of the oldest unacknowledged event.",
+        ),
+        (
+            "lockstep_subscription_failing",
+            "gauge",
+            "1 when push deliveries are failing.",
+        ),
+        (
+            "lockstep_push_failures",
+            "gauge",
+            "Consecutive failed push deliveries.",
+        ),
+    ];
+    for (name, kind, help) in metrics {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for sub in &list.subscriptions {
+            let value = match name {
+                "lockstep_subscription_position" => sub.position as f64,
+                "lockstep_subscription_lag_events" => sub.lag_events as f64,
+                "lockstep_subscription_lag_seconds" => sub.lag_seconds,
+                "lockstep_subscription_failing" => {
+                    f64::from(u8::from(sub.state == SubscriptionState::Failing))
+                }
+                _ => match sub.push_failures {
+                    Some(failures) => failures as f64,
+                    None => continue,
+                },
+            };
+            let _ = writeln!(
+                out,
+                "{name}{{service=\"{}\",replica=\"{}\"}} {value}",
+                sub.spec.service, sub.spec.replica
+            );
+        }
     }
 }
