@@ -208,9 +208,17 @@ pub async fn serve(
     broker: Broker,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt as _;
     broker.start_background();
     let app = http::router(broker.clone());
     let stopping = broker.clone();
+    // Streams write event after event while the reader sends nothing back: without TCP_NODELAY
+    // each small write waits for the reader's delayed ACK (~40 ms).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -234,6 +234,11 @@ impl Fields<'_> {
                 })
             })
             .transpose()?;
+        let data = if is_json_content_type(&self.content_type) {
+            one_line(self.data)
+        } else {
+            self.data
+        };
         let record = RecordRef {
             position: 0,
             time_ns: 0,
@@ -243,7 +248,7 @@ impl Fields<'_> {
             key: self.key.as_deref(),
             occurred_at_ns,
             content_type: &self.content_type,
-            data: &self.data,
+            data: &data,
         };
         Ok(Draft::new(
             &record,
@@ -252,6 +257,20 @@ impl Fields<'_> {
             self.expected_position,
         ))
     }
+}
+
+/// JSON data as stored: exactly as published, except that line breaks become spaces. In valid JSON
+/// a line break can only be whitespace between tokens, so the value is unchanged, and every event
+/// then fits on one line of an NDJSON stream.
+fn one_line(json: Cow<'_, [u8]>) -> Cow<'_, [u8]> {
+    if !json.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+        return json;
+    }
+    let mut owned = json.into_owned();
+    for b in owned.iter_mut().filter(|b| matches!(**b, b'\n' | b'\r')) {
+        *b = b' ';
+    }
+    Cow::Owned(owned)
 }
 
 fn check_text(what: &str, value: &str) -> Result<(), PublishError> {
@@ -283,6 +302,18 @@ mod tests {
         assert_eq!(one[0].record().unwrap().content_type, JSON_CONTENT_TYPE);
         let two = parse_native(br#" [{"type":"a.b","id":"1"},{"type":"a.c","id":"2"}]"#).unwrap();
         assert_eq!((two[0].id(), two[1].id()), ("1", "2"));
+    }
+
+    #[test]
+    fn line_breaks_in_json_data_become_spaces() {
+        let d = parse_native(b"{\"type\":\"a.b\",\"data\":{\r\n \"x\": \"a\\nb\"\n}}").unwrap();
+        assert_eq!(d[0].record().unwrap().data, br#"{   "x": "a\nb" }"#);
+        let bin = parse_native(br#"{"type":"a.b","data_base64":"Cg=="}"#).unwrap();
+        assert_eq!(
+            bin[0].record().unwrap().data,
+            b"\n",
+            "binary data is left alone"
+        );
     }
 
     #[test]

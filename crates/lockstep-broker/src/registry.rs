@@ -97,6 +97,8 @@ pub struct Subscription {
     dirty: AtomicBool,
     /// Push delivery health, kept by the push worker.
     pub push: PushHealth,
+    /// Whether a push worker runs for it; there is never more than one.
+    pub push_worker: AtomicBool,
     /// Turns true when the subscription is deleted or replaced, to stop its push worker.
     pub removed: tokio::sync::watch::Sender<bool>,
 }
@@ -426,6 +428,7 @@ fn build(stored: Stored, position: u64, acked_ns: i64) -> Result<Subscription, S
         acked_ns: AtomicI64::new(acked_ns),
         dirty: AtomicBool::new(false),
         push: PushHealth::default(),
+        push_worker: AtomicBool::new(false),
         removed: tokio::sync::watch::Sender::new(false),
     })
 }

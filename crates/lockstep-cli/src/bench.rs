@@ -4,9 +4,12 @@
 //! on its own runtime threads, so client and broker share the machine as they would on one host.
 //! Every publish is durable (fsynced before it is acknowledged), exactly as in production.
 
+mod fanout;
+
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use fanout::FanoutOptions;
 use lockstep::{Client, NewEvent, ReadRequest};
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -40,6 +43,25 @@ pub enum BenchCommand {
         /// Events per read request.
         #[arg(long, default_value_t = 10_000)]
         page: usize,
+    },
+    /// Subscription fan-out: delivery latency to streaming subscribers at a steady publish
+    /// rate, then catch-up throughput of fresh subscribers reading a long log.
+    Fanout {
+        /// Seconds of steady publishing for the latency part.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Events per second published in the latency part (single-event publishes).
+        #[arg(long, default_value_t = 1_000)]
+        rate: u64,
+        /// Events published before the throughput part.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Subscribers in each part.
+        #[arg(long, default_value_t = 3)]
+        subscribers: usize,
+        /// Bytes of JSON data per event.
+        #[arg(long, default_value_t = 200)]
+        payload: usize,
     },
 }
 
@@ -92,6 +114,22 @@ pub async fn run(url: Option<&str>, json: bool, command: BenchCommand) -> anyhow
             payload,
             page,
         } => read_bench(&client, events, payload, page, json).await,
+        BenchCommand::Fanout {
+            seconds,
+            rate,
+            events,
+            subscribers,
+            payload,
+        } => {
+            let options = FanoutOptions {
+                duration: Duration::from_secs(seconds),
+                rate: rate.max(1),
+                events,
+                subscribers: subscribers.max(1),
+                payload,
+            };
+            fanout::run(&client, &options, json).await
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 mod bench;
 mod client_cmds;
 mod serve;
+mod subs;
 
 use std::process::ExitCode;
 
@@ -42,7 +43,9 @@ enum Command {
     Tail(client_cmds::TailArgs),
     /// Print the log's head: last position, its hash and time.
     Head,
-    /// Measure the broker: publish throughput and latency, catch-up reads.
+    /// Subscriptions: list (default), add, rm, show.
+    Subs(subs::SubsArgs),
+    /// Measure the broker: publish throughput and latency, catch-up reads, subscription fan-out.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
             Command::Publish(args) => client_cmds::publish(&client_url(), cli.json, args).await,
             Command::Tail(args) => client_cmds::tail(&client_url(), cli.json, args).await,
             Command::Head => client_cmds::head(&client_url(), cli.json).await,
+            Command::Subs(args) => subs::run(&client_url(), cli.json, args).await,
             Command::Bench(command) => bench::run(cli.url.as_deref(), cli.json, command).await,
         }
     });

@@ -11,13 +11,13 @@ use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 
 /// How long a request may take beyond any long-poll wait it asks for.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A handle to one broker. Clones share a connection pool.
 #[derive(Clone, Debug)]
 pub struct Client {
-    http: reqwest::Client,
-    base: Arc<str>,
+    pub(crate) http: reqwest::Client,
+    pub(crate) base: Arc<str>,
 }
 
 /// What went wrong talking to the broker.
@@ -47,13 +47,17 @@ pub enum ClientError {
     /// An event could not be encoded.
     #[error("cannot encode event: {0}")]
     Encode(#[from] serde_json::Error),
+    /// A subscription stream went silent for this long although the broker sends heartbeats
+    /// more often: the connection is presumed dead. Open a new stream to carry on.
+    #[error("the broker sent nothing for {0:?} on a stream; connection presumed dead")]
+    Stalled(Duration),
 }
 
 impl ClientError {
     /// Whether the same request may succeed later unchanged (broker down, overloaded or stopping).
     pub fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Unreachable(_) => true,
+            ClientError::Unreachable(_) | ClientError::Stalled(_) => true,
             ClientError::Api { status, .. } => *status == 503 || *status >= 500,
             ClientError::Protocol(_) | ClientError::Encode(_) => false,
         }
@@ -328,17 +332,19 @@ fn peek_positions(body: &[u8]) -> Option<(u64, u64)> {
     Some((value(b"\"head\":")?, value(b"\"next_after\":")?))
 }
 
-async fn decode<T: DeserializeOwned>(response: reqwest::Response) -> Result<T, ClientError> {
+pub(crate) async fn decode<T: DeserializeOwned>(
+    response: reqwest::Response,
+) -> Result<T, ClientError> {
     let status = response.status();
     let body = response.bytes().await.map_err(ClientError::Unreachable)?;
-    if status == StatusCode::OK {
+    if status.is_success() {
         return serde_json::from_slice(&body)
             .map_err(|e| ClientError::Protocol(format!("undecodable {status} answer: {e}")));
     }
     Err(api_error(status, &body))
 }
 
-fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
+pub(crate) fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
     match serde_json::from_slice::<ErrorBody>(body) {
         Ok(ErrorBody { error }) => ClientError::Api {
             status: status.as_u16(),

@@ -2,6 +2,8 @@
 //!
 //! - [`Client`]: a cheap-to-clone HTTP handle for publishing, reading and the head.
 //! - [`ClientError`]: what went wrong, and whether retrying can help.
+//! - Subscriptions (the registrar): [`Client::subscribe`], [`Client::pull`], [`Client::stream`]
+//!   and [`Client::ack`] deliver a replica's events from where it acknowledged last.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), lockstep::ClientError> {
@@ -21,7 +23,15 @@
 //! ```
 
 mod client;
+mod subscription;
 
 pub use client::{Client, ClientError, Pages, ReadRequest};
+pub use lockstep_proto::subscription::{
+    End, PushFormat, Start, StartName, SubscriptionInfo, SubscriptionList, SubscriptionSpec,
+    SubscriptionState,
+};
 pub use lockstep_proto::wire::{Event, Head, NewEvent, PublishAck, ReadResponse};
 pub use lockstep_proto::{ChainHash, GENESIS_HASH};
+pub use subscription::{
+    MAX_STREAM_LINE_BYTES, PullRequest, STREAM_IDLE_TIMEOUT, StreamItem, SubscriptionStream,
+};
