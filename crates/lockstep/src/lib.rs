@@ -23,6 +23,10 @@
 //! ```
 
 mod client;
+pub mod conformance;
+mod replica;
+mod runtime;
+pub mod snapshot;
 mod subscription;
 
 pub use client::{Client, ClientError, Pages, ReadRequest};
@@ -32,6 +36,8 @@ pub use lockstep_proto::subscription::{
 };
 pub use lockstep_proto::wire::{Event, Head, NewEvent, PublishAck, ReadResponse};
 pub use lockstep_proto::{ChainHash, GENESIS_HASH};
+pub use replica::{ApplyError, EventMeta, Replica, decode_state, encode_state, state_hash};
+pub use runtime::{Runtime, RuntimeBuilder, RuntimeError, StateHandle};
 pub use subscription::{
     MAX_STREAM_LINE_BYTES, PullRequest, STREAM_IDLE_TIMEOUT, StreamItem, SubscriptionStream,
 };

@@ -1,0 +1,447 @@
+//! The replica runtime: registers the subscription, streams events in order, applies them to the
+//! state through [`Replica::apply`], and keeps snapshots so that a restart resumes in milliseconds.
+//!
+//! On start it restores the newest valid local snapshot and streams from its position; with no
+//! snapshot it starts from the subscription's `start` (registering it again if the broker
+//! remembered a position this replica's state no longer has). Snapshots are taken every
+//! `snapshot_every` events or `snapshot_interval`, and once more at shutdown; the last
+//! `keep_snapshots` are kept. The applied position is acknowledged to the broker (for lag) every
+//! second, but the local snapshot is what a restart trusts.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use lockstep_proto::names::is_reserved;
+use lockstep_proto::record::ChainHash;
+use lockstep_proto::subscription::{Start, StartName, SubscriptionSpec};
+
+use crate::client::{Client, ClientError};
+use crate::replica::{ApplyError, EventMeta, Replica, decode, decode_state, encode_state};
+use crate::snapshot::{SnapshotStore, StoreError};
+use crate::subscription::StreamItem;
+
+/// Why the runtime stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// A required setting is missing or wrong.
+    #[error("runtime configuration: {0}")]
+    Config(String),
+    /// The broker refused the subscription.
+    #[error(transparent)]
+    Broker(#[from] ClientError),
+    /// The local snapshot store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The state could not be encoded or a snapshot decoded.
+    #[error(transparent)]
+    State(#[from] ApplyError),
+}
+
+/// Settings of a [`Runtime`], with defaults: see each method.
+#[derive(Debug, Clone)]
+pub struct RuntimeBuilder {
+    url: String,
+    service: Option<String>,
+    replica: Option<String>,
+    types: Vec<String>,
+    state_dir: Option<PathBuf>,
+    start: Start,
+    snapshot_every: u64,
+    snapshot_interval: Duration,
+    keep_snapshots: usize,
+    check_determinism: bool,
+}
+
+impl RuntimeBuilder {
+    /// The service this replica belongs to (required).
+    pub fn service(mut self, service: impl Into<String>) -> Self {
+        self.service = Some(service.into());
+        self
+    }
+
+    /// This replica's id, unique within the service (required).
+    pub fn replica(mut self, replica: impl Into<String>) -> Self {
+        self.replica = Some(replica.into());
+        self
+    }
+
+    /// The type patterns to receive (default: every type).
+    pub fn types<I: IntoIterator<Item = S>, S: Into<String>>(mut self, types: I) -> Self {
+        self.types = types.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Where the local snapshots live (required).
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self
+    }
+
+    /// Where a new replica starts (default: the beginning of the log).
+    pub fn start(mut self, start: Start) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// Snapshot after this many applied events (default 10,000).
+    pub fn snapshot_every(mut self, events: u64) -> Self {
+        self.snapshot_every = events.max(1);
+        self
+    }
+
+    /// Snapshot at least this often while events arrive (default 30 s).
+    pub fn snapshot_interval(mut self, interval: Duration) -> Self {
+        self.snapshot_interval = interval;
+        self
+    }
+
+    /// Snapshots to keep (default 3).
+    pub fn keep_snapshots(mut self, keep: usize) -> Self {
+        self.keep_snapshots = keep.max(1);
+        self
+    }
+
+    /// Check every snapshot for a canonical state: decode it, encode it again and compare the
+    /// hashes, complaining loudly when they differ (default: on in debug builds).
+    pub fn check_determinism(mut self, on: bool) -> Self {
+        self.check_determinism = on;
+        self
+    }
+
+    /// The runtime for replica type `R`.
+    pub fn build<R: Replica>(self) -> Result<Runtime<R>, RuntimeError> {
+        let missing = |what: &str| RuntimeError::Config(format!("{what} is required"));
+        let service = self.service.clone().ok_or_else(|| missing("service"))?;
+        let replica = self.replica.clone().ok_or_else(|| missing("replica"))?;
+        let state_dir = self.state_dir.clone().ok_or_else(|| missing("state_dir"))?;
+        let client = Client::new(&self.url)?;
+        let store = SnapshotStore::open(&state_dir)?;
+        let (position, chain_hash, state) = match store.newest_valid()? {
+            Some(snapshot) => {
+                let state: R::State = decode_state(&snapshot.bytes)?;
+                tracing::info!(position = snapshot.position, "restored the newest snapshot");
+                (snapshot.position, snapshot.chain_hash, state)
+            }
+            None => (0, [0; 32], R::State::default()),
+        };
+        Ok(Runtime {
+            client,
+            service,
+            replica,
+            settings: self,
+            store: Arc::new(store),
+            state: StateHandle {
+                inner: Arc::new(RwLock::new(Applied {
+                    position,
+                    chain_hash,
+                    state,
+                })),
+            },
+        })
+    }
+}
+
+struct Applied<S> {
+    position: u64,
+    chain_hash: [u8; 32],
+    state: S,
+}
+
+/// Read access to a runtime's state, shareable with request handlers. Clone freely.
+pub struct StateHandle<S> {
+    inner: Arc<RwLock<Applied<S>>>,
+}
+
+impl<S> Clone for StateHandle<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<S> StateHandle<S> {
+    /// Calls `f` with the state and the position it includes everything up to.
+    pub fn read<T>(&self, f: impl FnOnce(&S, u64) -> T) -> T {
+        let guard = match self.inner.read() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&guard.state, guard.position)
+    }
+
+    /// The position the state includes everything up to.
+    pub fn position(&self) -> u64 {
+        self.read(|_, position| position)
+    }
+}
+
+/// A running replica: see the module documentation. Build with [`Runtime::builder`].
+pub struct Runtime<R: Replica> {
+    client: Client,
+    service: String,
+    replica: String,
+    settings: RuntimeBuilder,
+    store: Arc<SnapshotStore>,
+    state: StateHandle<R::State>,
+}
+
+/// Longest wait between retries of a failing apply or a lost connection.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often the applied position is acknowledged to the broker.
+const ACK_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Runtime<NoReplica> {
+    /// Settings for a replica talking to the broker at `url`.
+    pub fn builder(url: &str) -> RuntimeBuilder {
+        RuntimeBuilder {
+            url: url.to_owned(),
+            service: None,
+            replica: None,
+            types: vec!["*".to_owned()],
+            state_dir: None,
+            start: Start::Named(StartName::Beginning),
+            snapshot_every: 10_000,
+            snapshot_interval: Duration::from_secs(30),
+            keep_snapshots: 3,
+            check_determinism: cfg!(debug_assertions),
+        }
+    }
+}
+
+/// Stands in for a replica type in [`Runtime::builder`], which needs none yet.
+#[doc(hidden)]
+pub struct NoReplica;
+
+impl Replica for NoReplica {
+    type State = ();
+    type Event = ();
+    fn apply(_: &mut (), _: (), _: &EventMeta) -> Result<(), ApplyError> {
+        Ok(())
+    }
+}
+
+impl<R: Replica> Runtime<R> {
+    /// Read access to the state, for serving queries while the runtime runs.
+    pub fn state(&self) -> StateHandle<R::State> {
+        self.state.clone()
+    }
+
+    /// Runs until `shutdown` resolves (then takes a final snapshot) or a bounded subscription
+    /// completes. Connection losses are retried forever; a failing apply is retried forever too,
+    /// with the replica reported stuck at that position.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RuntimeError> {
+        tokio::pin!(shutdown);
+        let mut after = self.register().await?;
+        let mut since_snapshot = 0u64;
+        let mut last_snapshot = Instant::now();
+        let mut last_ack = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        'connect: loop {
+            let mut stream = tokio::select! {
+                stream = self.client.stream(&self.service, &self.replica, Some(after)) => match stream {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot reach the broker; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = &mut shutdown => break 'connect,
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue 'connect;
+                    }
+                },
+                _ = &mut shutdown => break 'connect,
+            };
+            backoff = Duration::from_millis(100);
+            loop {
+                let item = tokio::select! {
+                    item = stream.next() => item,
+                    _ = &mut shutdown => break 'connect,
+                };
+                match item {
+                    Some(Ok(StreamItem::Event(event))) => {
+                        if !is_reserved(&event.event_type) {
+                            tokio::select! {
+                                () = self.apply_until_done(&event) => {}
+                                _ = &mut shutdown => break 'connect,
+                            }
+                        } else {
+                            self.advance(&event);
+                        }
+                        after = event.position;
+                        since_snapshot += 1;
+                    }
+                    Some(Ok(StreamItem::Heartbeat { .. })) => {}
+                    Some(Ok(StreamItem::Complete)) => {
+                        self.snapshot().await?;
+                        self.ack(after).await;
+                        return Ok(());
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "stream broke; reconnecting");
+                        continue 'connect;
+                    }
+                    None => continue 'connect,
+                }
+                if since_snapshot >= self.settings.snapshot_every
+                    || (since_snapshot > 0
+                        && last_snapshot.elapsed() >= self.settings.snapshot_interval)
+                {
+                    self.snapshot().await?;
+                    since_snapshot = 0;
+                    last_snapshot = Instant::now();
+                }
+                if last_ack.elapsed() >= ACK_INTERVAL {
+                    self.ack(after).await;
+                    last_ack = Instant::now();
+                }
+            }
+        }
+        self.snapshot().await?;
+        self.ack(self.state.position()).await;
+        Ok(())
+    }
+
+    /// Registers the subscription; returns the position to stream after.
+    async fn register(&self) -> Result<u64, RuntimeError> {
+        let spec = SubscriptionSpec {
+            service: self.service.clone(),
+            replica: self.replica.clone(),
+            types: self.settings.types.clone(),
+            start: self.settings.start.clone(),
+            end: None,
+            push_url: None,
+            push_format: None,
+        };
+        let local = self.state.position();
+        let (info, created) = self.client.subscribe(&spec, false).await?;
+        if local > 0 {
+            return Ok(local);
+        }
+        if !created && info.position > 0 {
+            // The broker remembers progress this replica's state no longer has: start over.
+            tracing::warn!(
+                position = info.position,
+                "no local snapshot but the subscription has moved on; replaying from its start"
+            );
+            let (info, _) = self.client.subscribe(&spec, true).await?;
+            return Ok(info.position);
+        }
+        Ok(info.position)
+    }
+
+    /// Applies one event, retrying with backoff until it succeeds; never skips it.
+    async fn apply_until_done(&self, event: &crate::Event) {
+        let meta = EventMeta {
+            position: event.position,
+            id: event.id.clone(),
+            event_type: event.event_type.clone(),
+            key: event.key.clone(),
+            time: event.time,
+            hash: event.hash.clone(),
+        };
+        let mut delay = Duration::from_millis(100);
+        let mut failures = 0u32;
+        loop {
+            let result =
+                decode::<R>(&event.event_type, event.data.as_deref()).and_then(|decoded| {
+                    let mut guard = match self.state.inner.write() {
+                        Ok(guard) => guard,
+                        Err(poisoned) => poisoned.into_inner(),
+                    };
+                    R::apply(&mut guard.state, decoded, &meta)?;
+                    guard.position = event.position;
+                    guard.chain_hash = chain_bytes(&event.hash);
+                    Ok(())
+                });
+            match result {
+                Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!(position = event.position, failures, "apply recovered");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(
+                        service = %self.service,
+                        replica = %self.replica,
+                        position = event.position,
+                        error = %e,
+                        failures,
+                        "stuck: applying this event fails; retrying, never skipping"
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// Records a control record's position as applied (it changes no state).
+    fn advance(&self, event: &crate::Event) {
+        let mut guard = match self.state.inner.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        guard.position = event.position;
+        guard.chain_hash = chain_bytes(&event.hash);
+    }
+
+    /// Writes a snapshot of the current state (and checks it round-trips canonically).
+    async fn snapshot(&self) -> Result<(), RuntimeError> {
+        let (position, chain_hash, bytes) = self.state.inner_read(|applied| {
+            encode_state(&applied.state).map(|b| (applied.position, applied.chain_hash, b))
+        })?;
+        if position == 0 {
+            return Ok(());
+        }
+        if self.settings.check_determinism {
+            let again = decode_state::<R::State>(&bytes).and_then(|s| encode_state(&s))?;
+            if again != bytes {
+                tracing::error!(
+                    position,
+                    "NON-CANONICAL STATE: decoding and re-encoding the state changes its bytes \
+                     (a HashMap?); replicas will disagree on their state hash"
+                );
+            }
+        }
+        let store = Arc::clone(&self.store);
+        let keep = self.settings.keep_snapshots;
+        tokio::task::spawn_blocking(move || store.save(position, chain_hash, &bytes, keep))
+            .await
+            .map_err(|e| RuntimeError::Config(format!("snapshot task failed: {e}")))??;
+        tracing::debug!(position, "snapshot written");
+        Ok(())
+    }
+
+    async fn ack(&self, position: u64) {
+        if position == 0 {
+            return;
+        }
+        if let Err(e) = self
+            .client
+            .ack(&self.service, &self.replica, position)
+            .await
+        {
+            tracing::debug!(error = %e, "ack failed; the next one will carry the position");
+        }
+    }
+}
+
+impl<S> StateHandle<S> {
+    fn inner_read<T>(&self, f: impl FnOnce(&Applied<S>) -> T) -> T {
+        let guard = match self.inner.read() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&guard)
+    }
+}
+
+fn chain_bytes(hex: &str) -> [u8; 32] {
+    ChainHash::from_hex(hex).map_or([0; 32], |h| h.0)
+}
