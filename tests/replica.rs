@@ -139,3 +139,95 @@ async fn replicas_converge_restart_from_snapshots_and_late_ones_catch_up() {
         running.stop().await;
     }
 }
+
+/// Fails to apply `poison.tested` events until `HEALED` is set.
+static HEALED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[derive(Deserialize)]
+#[serde(tag = "type", content = "data")]
+enum PoisonEvent {
+    #[serde(rename = "poison.tested")]
+    Tested { n: i64 },
+}
+
+struct Fragile;
+
+impl Replica for Fragile {
+    type State = Vec<i64>;
+    type Event = PoisonEvent;
+
+    fn apply(state: &mut Vec<i64>, event: PoisonEvent, _: &EventMeta) -> Result<(), ApplyError> {
+        let PoisonEvent::Tested { n } = event;
+        if n == 3 && !HEALED.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ApplyError::new("cannot handle 3 yet"));
+        }
+        state.push(n);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_apply_is_retried_reported_stuck_and_never_skipped() {
+    let broker = TestBroker::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let events: Vec<_> = (1..=5)
+        .map(|n| json!({"type": "poison.tested", "data": {"n": n}}))
+        .collect();
+    broker.publish(&json!(events)).await;
+    let runtime = Runtime::builder(&broker.url)
+        .service("fragile")
+        .replica("f-1")
+        .types(["poison.*"])
+        .state_dir(dir.path())
+        .build::<Fragile>()
+        .unwrap();
+    let state = runtime.state();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(runtime.run(async {
+        let _ = stopped.await;
+    }));
+    let info = || async {
+        reqwest::get(broker.at("/v1/subscriptions/fragile/f-1"))
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
+    };
+    wait_until(
+        Duration::from_secs(20),
+        "the replica to report itself stuck",
+        || async { info().await["state"] == "stuck" },
+    )
+    .await;
+    let stuck = info().await;
+    assert_eq!(stuck["stuck"]["position"], 3);
+    assert!(
+        stuck["stuck"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot handle 3")
+    );
+    assert_eq!(
+        state.read(|s, p| (s.clone(), p)),
+        (vec![1, 2], 2),
+        "never skips event 3"
+    );
+
+    HEALED.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_until(
+        Duration::from_secs(20),
+        "the replica to recover",
+        || async { state.position() == 5 },
+    )
+    .await;
+    assert_eq!(state.read(|s, _| s.clone()), [1, 2, 3, 4, 5]);
+    wait_until(
+        Duration::from_secs(10),
+        "the stuck report to clear",
+        || async { info().await.get("stuck").is_none() },
+    )
+    .await;
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}

@@ -97,6 +97,23 @@ impl Broker {
         Ok(sub.position())
     }
 
+    /// Records a replica's own report: stuck at an event, or (with `None`) no longer.
+    pub fn report_status(
+        &self,
+        service: &str,
+        replica: &str,
+        stuck: Option<lockstep_proto::subscription::Stuck>,
+    ) -> Result<(), RegistryError> {
+        let sub = self.inner.registry.get(service, replica)?;
+        if let Some(s) = &stuck {
+            tracing::warn!(subscription = %sub.key(), position = s.position, error = %s.error, "replica reports it is stuck");
+        }
+        if let Ok(mut slot) = sub.stuck.lock() {
+            *slot = stuck;
+        }
+        Ok(())
+    }
+
     /// The subscription, for delivery.
     pub fn subscription_handle(
         &self,
@@ -216,8 +233,11 @@ impl Broker {
             || sub
                 .end_time_ns()
                 .is_some_and(|end| position >= tip.position && end < now_ns);
+        let stuck = sub.stuck.lock().ok().and_then(|s| s.clone());
         let state = if complete {
             SubscriptionState::Complete
+        } else if stuck.is_some() {
+            SubscriptionState::Stuck
         } else if sub.push_url().is_some() && failures >= FAILING_AFTER {
             SubscriptionState::Failing
         } else if lag_events == 0 || lag_seconds < LIVE_LAG.as_secs_f64() {
@@ -236,6 +256,7 @@ impl Broker {
             state,
             push_failures: sub.push_url().map(|_| failures),
             last_error,
+            stuck,
         })
     }
 }

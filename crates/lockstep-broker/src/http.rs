@@ -15,7 +15,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::DateTime;
 use lockstep_proto::TypeFilter;
-use lockstep_proto::subscription::{Ack, SubscriptionSpec};
+use lockstep_proto::subscription::{Ack, ReplicaStatus, SubscriptionSpec};
 use lockstep_proto::wire::{ErrorBody, ErrorDetail, write_publish_response};
 use serde::Deserialize;
 
@@ -51,6 +51,10 @@ pub fn router(broker: Broker) -> Router {
             get(subscription_stream),
         )
         .route("/v1/subscriptions/{service}/{replica}/ack", post(ack))
+        .route(
+            "/v1/subscriptions/{service}/{replica}/status",
+            post(report_status),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -523,6 +527,17 @@ async fn ack(
     let Ack { position } = json_body(body)?;
     let position = broker.ack(&service, &replica, position)?;
     Ok(Json(serde_json::json!({ "position": position })).into_response())
+}
+
+async fn report_status(
+    State(broker): State<Broker>,
+    path: SubscriptionPath,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (service, replica) = names(path)?;
+    let ReplicaStatus { stuck } = json_body(body)?;
+    broker.report_status(&service, &replica, stuck)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn not_found() -> ApiError {

@@ -99,6 +99,8 @@ pub struct Subscription {
     pub push: PushHealth,
     /// Whether a push worker runs for it; there is never more than one.
     pub push_worker: AtomicBool,
+    /// The replica's report that it cannot apply an event (kept in memory: a replica repeats it).
+    pub stuck: Mutex<Option<lockstep_proto::subscription::Stuck>>,
     /// Turns true when the subscription is deleted or replaced, to stop its push worker.
     pub removed: tokio::sync::watch::Sender<bool>,
 }
@@ -429,6 +431,7 @@ fn build(stored: Stored, position: u64, acked_ns: i64) -> Result<Subscription, S
         dirty: AtomicBool::new(false),
         push: PushHealth::default(),
         push_worker: AtomicBool::new(false),
+        stuck: Mutex::new(None),
         removed: tokio::sync::watch::Sender::new(false),
     })
 }

@@ -315,6 +315,9 @@ fn show(info: &SubscriptionInfo) -> anyhow::Result<()> {
     if let Some(error) = &info.last_error {
         field("last error", error)?;
     }
+    if let Some(stuck) = &info.stuck {
+        field("stuck at", &format!("{}: {}", stuck.position, stuck.error))?;
+    }
     Ok(())
 }
 
@@ -332,6 +335,7 @@ fn state(state: SubscriptionState) -> &'static str {
         SubscriptionState::CatchingUp => "catching_up",
         SubscriptionState::Failing => "failing",
         SubscriptionState::Complete => "complete",
+        SubscriptionState::Stuck => "stuck",
     }
 }
 

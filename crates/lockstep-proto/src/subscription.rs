@@ -113,6 +113,26 @@ pub enum SubscriptionState {
     Failing,
     /// A bounded subscription that has delivered its whole range.
     Complete,
+    /// The replica reported that applying an event keeps failing; see `stuck`.
+    Stuck,
+}
+
+/// A replica's report that it cannot apply the event at `position` (it retries, never skips).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stuck {
+    /// The event that fails to apply.
+    pub position: u64,
+    /// Why, in the replica's words.
+    pub error: String,
+}
+
+/// `POST /v1/subscriptions/{service}/{replica}/status`: a replica's own report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaStatus {
+    /// Set while an event fails to apply; `null` once it applied.
+    pub stuck: Option<Stuck>,
 }
 
 /// A subscription with its position and health (`GET /v1/subscriptions`).
@@ -140,6 +160,9 @@ pub struct SubscriptionInfo {
     /// For push: the last delivery error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The replica's report that it is stuck at an event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stuck: Option<Stuck>,
 }
 
 /// `GET /v1/subscriptions`.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use lockstep_proto::names::is_reserved;
 use lockstep_proto::record::ChainHash;
-use lockstep_proto::subscription::{Start, StartName, SubscriptionSpec};
+use lockstep_proto::subscription::{Start, StartName, Stuck, SubscriptionSpec};
 
 use crate::client::{Client, ClientError};
 use crate::replica::{ApplyError, EventMeta, Replica, decode, decode_state, encode_state};
@@ -361,6 +361,7 @@ impl<R: Replica> Runtime<R> {
                 Ok(()) => {
                     if failures > 0 {
                         tracing::info!(position = event.position, failures, "apply recovered");
+                        self.report_stuck(None).await;
                     }
                     return;
                 }
@@ -374,6 +375,13 @@ impl<R: Replica> Runtime<R> {
                         failures,
                         "stuck: applying this event fails; retrying, never skipping"
                     );
+                    if failures == 1 {
+                        let stuck = Stuck {
+                            position: event.position,
+                            error: e.to_string(),
+                        };
+                        self.report_stuck(Some(stuck)).await;
+                    }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(MAX_BACKOFF);
                 }
@@ -416,6 +424,16 @@ impl<R: Replica> Runtime<R> {
             .map_err(|e| RuntimeError::Config(format!("snapshot task failed: {e}")))??;
         tracing::debug!(position, "snapshot written");
         Ok(())
+    }
+
+    async fn report_stuck(&self, stuck: Option<Stuck>) {
+        if let Err(e) = self
+            .client
+            .report_stuck(&self.service, &self.replica, stuck)
+            .await
+        {
+            tracing::warn!(error = %e, "could not report the replica's status to the broker");
+        }
     }
 
     async fn ack(&self, position: u64) {

@@ -9,7 +9,9 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use lockstep_proto::subscription::{Ack, SubscriptionInfo, SubscriptionList, SubscriptionSpec};
+use lockstep_proto::subscription::{
+    Ack, ReplicaStatus, Stuck, SubscriptionInfo, SubscriptionList, SubscriptionSpec,
+};
 use lockstep_proto::wire::{Event, ReadResponse};
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
@@ -221,6 +223,30 @@ impl Client {
             .map_err(ClientError::Unreachable)?;
         let ack: Ack = decode(response).await?;
         Ok(ack.position)
+    }
+
+    /// Reports that this replica is stuck at an event (`Some`), or no longer (`None`), so that
+    /// `GET /v1/subscriptions` and `lockstep subs` show it.
+    pub async fn report_stuck(
+        &self,
+        service: &str,
+        replica: &str,
+        stuck: Option<Stuck>,
+    ) -> Result<(), ClientError> {
+        let response = self
+            .http
+            .post(self.subscription_url(service, replica, Some("status"))?)
+            .timeout(REQUEST_TIMEOUT)
+            .json(&ReplicaStatus { stuck })
+            .send()
+            .await
+            .map_err(ClientError::Unreachable)?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = response.bytes().await.map_err(ClientError::Unreachable)?;
+        Err(api_error(status, &body))
     }
 
     /// Opens a stream of a subscription's events, after its acknowledged position unless
