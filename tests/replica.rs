@@ -231,3 +231,59 @@ async fn a_failing_apply_is_retried_reported_stuck_and_never_skipped() {
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_with_a_start_time_gets_exactly_the_events_since() {
+    let broker = TestBroker::start().await;
+    publish_counts(&broker, 0, 30).await;
+    let mark = broker
+        .publish(&json!({"type": "counter.incremented", "key": "mark", "data": {"by": 1000}}))
+        .await;
+    publish_counts(&broker, 30, 30).await;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Runtime::builder(&broker.url)
+        .service("counter")
+        .replica("late")
+        .types(["counter.*"])
+        .state_dir(dir.path())
+        .start(lockstep_proto::subscription::Start::Time { time: mark[0].time })
+        .build::<Counters>()
+        .unwrap();
+    let state = runtime.state();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(runtime.run(async {
+        let _ = stopped.await;
+    }));
+    let head = broker.head().await.position;
+    wait_until(
+        Duration::from_secs(20),
+        "the late replica to catch up",
+        || async { state.position() >= head - 1 },
+    )
+    .await;
+    // The same events applied by hand, from the mark on.
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    for event in broker.read_all(1000).await {
+        if event.time < mark[0].time || !event.event_type.starts_with("counter.") {
+            continue;
+        }
+        let meta = EventMeta {
+            position: event.position,
+            id: event.id.clone(),
+            event_type: event.event_type.clone(),
+            key: event.key.clone(),
+            time: event.time,
+            hash: event.hash.clone(),
+        };
+        let decoded: Event = serde_json::from_value(json!({
+            "type": event.event_type,
+            "data": event.data.as_ref().map(|d| serde_json::from_str::<serde_json::Value>(d.get()).unwrap()),
+        }))
+        .unwrap();
+        Counters::apply(&mut expected, decoded, &meta).unwrap();
+    }
+    assert_eq!(state.read(|s, _| s.clone()), expected);
+    assert_eq!(expected.get("mark"), Some(&1000));
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}

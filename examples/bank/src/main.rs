@@ -1,4 +1,5 @@
-//! `bank REPLICA_ID PORT [BROKER_URL]`: one replica of the account service.
+//! `bank REPLICA_ID PORT [BROKER_URL]`: one replica of the account service. Its snapshots go to
+//! `./bank-state/REPLICA_ID`, every `BANK_SNAPSHOT_EVERY` events (default 10,000).
 
 use anyhow::Context as _;
 use lockstep::{Client, Runtime};
@@ -20,13 +21,22 @@ async fn main() -> anyhow::Result<()> {
         .replica(&replica)
         .types(["account.*", "funds.*"])
         .state_dir(format!("./bank-state/{replica}"))
+        .snapshot_every(
+            std::env::var("BANK_SNAPSHOT_EVERY")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(10_000),
+        )
         .build::<Bank>()?;
     let service = Service {
         client: Client::new(&broker)?,
         state: runtime.state(),
     };
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-    println!("bank replica {replica} on http://127.0.0.1:{port}, broker {broker}");
+    println!(
+        "bank replica {replica} on http://127.0.0.1:{port}, broker {broker}, restored at position {}",
+        runtime.state().position()
+    );
     let app = tokio::spawn(async move { axum::serve(listener, router(service)).await });
     runtime
         .run(async {
