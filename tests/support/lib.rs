@@ -234,3 +234,35 @@ pub async fn refused(
     assert_eq!(broker.head().await, head, "{what}: the log changed");
     error
 }
+
+impl TestBroker {
+    /// Starts a broker with default settings on an existing data directory, listening on `addr`
+    /// (e.g. the address of a stopped broker, so clients keep their URL). Retries the bind for a
+    /// few seconds while the old socket is released.
+    pub async fn start_on(dir: TempDir, addr: std::net::SocketAddr) -> Self {
+        let broker = Broker::open(Config::with_data_dir(dir.path())).expect("open broker");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => break listener,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "binding {addr} again: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (stop, stopped) = oneshot::channel();
+        let handle = broker.clone();
+        let task = tokio::spawn(lockstep_broker::serve(listener, broker, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            url,
+            dir,
+            broker: Some(handle),
+            stop,
+            task,
+        }
+    }
+}

@@ -5,6 +5,7 @@
 //! Every publish is durable (fsynced before it is acknowledged), exactly as in production.
 
 mod fanout;
+mod replay;
 
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,22 @@ pub enum BenchCommand {
         /// Events per request of that one scenario.
         #[arg(long, requires = "clients")]
         batch: Option<usize>,
+    },
+    /// SDK publisher throughput: many tasks each publishing single events through one
+    /// `lockstep::Publisher`, which batches them; every event acknowledged durably.
+    SdkPublish {
+        /// Seconds to run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Bytes of JSON data per event.
+        #[arg(long, default_value_t = 200)]
+        payload: usize,
+        /// Concurrent publishing tasks.
+        #[arg(long, default_value_t = 256)]
+        tasks: usize,
+        /// Requests the publisher keeps in flight.
+        #[arg(long, default_value_t = lockstep::DEFAULT_MAX_IN_FLIGHT)]
+        max_in_flight: usize,
     },
     /// Catch-up reads: events/s reading a long log from the beginning, with memory samples.
     Read {
@@ -63,6 +80,8 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 200)]
         payload: usize,
     },
+    /// Replica catch-up through the SDK runtime, and snapshot/restore of a large state.
+    Replay(replay::ReplayOptions),
 }
 
 /// Runs a benchmark against `url`, or against an embedded broker when `url` is `None`.
@@ -109,6 +128,40 @@ pub async fn run(url: Option<&str>, json: bool, command: BenchCommand) -> anyhow
             )
             .await
         }
+        BenchCommand::SdkPublish {
+            seconds,
+            payload,
+            tasks,
+            max_in_flight,
+        } => {
+            let publisher = lockstep::Publisher::builder(client.clone())
+                .max_in_flight(max_in_flight)
+                .build();
+            let figures = sdk_publish_scenario(
+                &publisher,
+                tasks.max(1),
+                Duration::from_secs(seconds),
+                payload,
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&figures)?);
+            } else {
+                println!(
+                    "{:<28} {:>8} {:>12} {:>10} {:>10}",
+                    "scenario", "events", "events/s", "p50 ms", "p99 ms"
+                );
+                println!(
+                    "{:<28} {:>8} {:>12.0} {:>10.2} {:>10.2}",
+                    figures.scenario,
+                    figures.events,
+                    figures.events_per_sec,
+                    figures.p50_ms,
+                    figures.p99_ms
+                );
+            }
+            Ok(())
+        }
         BenchCommand::Read {
             events,
             payload,
@@ -130,6 +183,7 @@ pub async fn run(url: Option<&str>, json: bool, command: BenchCommand) -> anyhow
             };
             fanout::run(&client, &options, json).await
         }
+        BenchCommand::Replay(options) => replay::run(&client, &options, json).await,
     }
 }
 
@@ -292,6 +346,47 @@ async fn publish_scenario(
     })
 }
 
+/// Single events from `tasks` tasks through one batching publisher; latency is per event.
+async fn sdk_publish_scenario(
+    publisher: &lockstep::Publisher,
+    tasks: usize,
+    duration: Duration,
+    payload: usize,
+) -> anyhow::Result<PublishFigures> {
+    let event = sample_event(payload)?;
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..tasks {
+        let (publisher, event) = (publisher.clone(), event.clone());
+        set.spawn(async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                publisher.publish(event.clone()).await?;
+                latencies.push(sent.elapsed());
+            }
+            anyhow::Ok(latencies)
+        });
+    }
+    let mut latencies = Vec::new();
+    while let Some(done) = set.join_next().await {
+        latencies.extend(done??);
+    }
+    let elapsed = started.elapsed();
+    latencies.sort_unstable();
+    let events = latencies.len() as u64;
+    Ok(PublishFigures {
+        scenario: format!("sdk publisher, {tasks} tasks"),
+        clients: tasks,
+        batch: 1,
+        events,
+        events_per_sec: events as f64 / elapsed.as_secs_f64(),
+        p50_ms: percentile_ms(&latencies, 0.50),
+        p99_ms: percentile_ms(&latencies, 0.99),
+    })
+}
+
 fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -375,7 +470,7 @@ async fn read_bench(
     Ok(())
 }
 
-async fn fill_log(client: &Client, count: u64, payload: usize) -> anyhow::Result<()> {
+pub(crate) async fn fill_log(client: &Client, count: u64, payload: usize) -> anyhow::Result<()> {
     const BATCH: u64 = 1000;
     const WRITERS: u64 = 4;
     let event = sample_event(payload)?;

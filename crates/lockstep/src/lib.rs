@@ -4,6 +4,8 @@
 //! - [`ClientError`]: what went wrong, and whether retrying can help.
 //! - Subscriptions (the registrar): [`Client::subscribe`], [`Client::pull`], [`Client::stream`]
 //!   and [`Client::ack`] deliver a replica's events from where it acknowledged last.
+//! - [`Publisher`]: many tasks publishing single events, sent as few batched requests.
+//! - [`Outbox`]: events stored locally first and published, in order, whenever the broker is up.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), lockstep::ClientError> {
@@ -24,6 +26,8 @@
 
 mod client;
 pub mod conformance;
+mod outbox;
+mod publisher;
 mod replica;
 mod runtime;
 pub mod snapshot;
@@ -36,6 +40,10 @@ pub use lockstep_proto::subscription::{
 };
 pub use lockstep_proto::wire::{Event, Head, NewEvent, PublishAck, ReadResponse};
 pub use lockstep_proto::{ChainHash, GENESIS_HASH};
+pub use outbox::{DeadLetter, MAX_FLUSH_BATCH, Outbox, OutboxError, OutboxReceipt};
+pub use publisher::{
+    DEFAULT_MAX_BATCH, DEFAULT_MAX_IN_FLIGHT, DEFAULT_QUEUE_CAPACITY, Publisher, PublisherBuilder,
+};
 pub use replica::{ApplyError, EventMeta, Replica, decode_state, encode_state, state_hash};
 pub use runtime::{Runtime, RuntimeBuilder, RuntimeError, StateHandle};
 pub use subscription::{
