@@ -122,9 +122,12 @@ impl RuntimeBuilder {
             Some(snapshot) => {
                 let state: R::State = decode_state(&snapshot.bytes)?;
                 tracing::info!(position = snapshot.position, "restored the newest snapshot");
-                (snapshot.position, snapshot.chain_hash, state)
+                let hash = blake3::Hash::from_bytes(snapshot.chain_hash)
+                    .to_hex()
+                    .to_string();
+                (snapshot.position, hash, state)
             }
-            None => (0, [0; 32], R::State::default()),
+            None => (0, String::new(), R::State::default()),
         };
         Ok(Runtime {
             client,
@@ -145,7 +148,8 @@ impl RuntimeBuilder {
 
 struct Applied<S> {
     position: u64,
-    chain_hash: [u8; 32],
+    /// Chain hash at `position`, hex as the broker sent it: decoded only when a snapshot needs it.
+    chain_hash: String,
     state: S,
 }
 
@@ -354,7 +358,7 @@ impl<R: Replica> Runtime<R> {
                     };
                     R::apply(&mut guard.state, decoded, &meta)?;
                     guard.position = event.position;
-                    guard.chain_hash = chain_bytes(&event.hash);
+                    guard.chain_hash.clone_from(&event.hash);
                     Ok(())
                 });
             match result {
@@ -396,13 +400,14 @@ impl<R: Replica> Runtime<R> {
             Err(poisoned) => poisoned.into_inner(),
         };
         guard.position = event.position;
-        guard.chain_hash = chain_bytes(&event.hash);
+        guard.chain_hash.clone_from(&event.hash);
     }
 
     /// Writes a snapshot of the current state (and checks it round-trips canonically).
     async fn snapshot(&self) -> Result<(), RuntimeError> {
         let (position, chain_hash, bytes) = self.state.inner_read(|applied| {
-            encode_state(&applied.state).map(|b| (applied.position, applied.chain_hash, b))
+            encode_state(&applied.state)
+                .map(|b| (applied.position, chain_bytes(&applied.chain_hash), b))
         })?;
         if position == 0 {
             return Ok(());
