@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use lockstep::{ApplyError, EventMeta, Replica, Runtime, StateHandle, state_hash};
@@ -284,6 +285,79 @@ async fn a_replica_started_with_a_start_time_gets_exactly_the_events_since() {
     }
     assert_eq!(state.read(|s, _| s.clone()), expected);
     assert_eq!(expected.get("mark"), Some(&1000));
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
+
+/// An "external database": the applied values and the position stored with them, changed
+/// together as one transaction would.
+#[derive(Default)]
+struct Db {
+    values: Vec<i64>,
+    position: u64,
+}
+
+struct External(Arc<std::sync::Mutex<Db>>);
+
+impl lockstep::ExternalReplica for External {
+    type Event = PoisonEvent;
+
+    fn resume_after(&self) -> Result<u64, ApplyError> {
+        Ok(self.0.lock().unwrap().position)
+    }
+
+    fn apply(&self, event: PoisonEvent, meta: &EventMeta) -> Result<(), ApplyError> {
+        let PoisonEvent::Tested { n } = event;
+        let mut db = self.0.lock().unwrap();
+        db.values.push(n);
+        db.position = meta.position;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_state_replica_resumes_where_its_own_store_says() {
+    let broker = TestBroker::start().await;
+    let db = Arc::new(std::sync::Mutex::new(Db::default()));
+    let publish = |from: i64, to: i64| {
+        let events: Vec<_> = (from..=to)
+            .map(|n| json!({"type": "poison.tested", "data": {"n": n}}))
+            .collect();
+        json!(events)
+    };
+    broker.publish(&publish(100, 109)).await;
+    let run = |db: Arc<std::sync::Mutex<Db>>| {
+        let runtime = Runtime::builder(&broker.url)
+            .service("external")
+            .replica("x-1")
+            .types(["poison.*"])
+            .build_external(External(db))
+            .unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(runtime.run(async {
+            let _ = stopped.await;
+        }));
+        (stop, task)
+    };
+    let (stop, task) = run(Arc::clone(&db));
+    wait_until(Duration::from_secs(20), "the first ten", || async {
+        db.lock().unwrap().position == 10
+    })
+    .await;
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+
+    broker.publish(&publish(110, 114)).await;
+    let (stop, task) = run(Arc::clone(&db));
+    wait_until(Duration::from_secs(20), "the next five", || async {
+        db.lock().unwrap().position == 15
+    })
+    .await;
+    assert_eq!(
+        db.lock().unwrap().values,
+        (100..=114).collect::<Vec<_>>(),
+        "each once, in order"
+    );
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }

@@ -45,7 +45,9 @@ pub use publisher::{
     DEFAULT_MAX_BATCH, DEFAULT_MAX_IN_FLIGHT, DEFAULT_QUEUE_CAPACITY, Publisher, PublisherBuilder,
 };
 pub use replica::{ApplyError, EventMeta, Replica, decode_state, encode_state, state_hash};
-pub use runtime::{Runtime, RuntimeBuilder, RuntimeError, StateHandle};
+pub use runtime::{
+    ExternalReplica, ExternalRuntime, Runtime, RuntimeBuilder, RuntimeError, StateHandle,
+};
 pub use subscription::{
     MAX_STREAM_LINE_BYTES, PullRequest, STREAM_IDLE_TIMEOUT, StreamItem, SubscriptionStream,
 };

@@ -100,6 +100,14 @@ pub(crate) fn decode<R: Replica>(
     event_type: &str,
     data: Option<&serde_json::value::RawValue>,
 ) -> Result<R::Event, ApplyError> {
+    decode_event(event_type, data)
+}
+
+/// Decodes an event of type `T` from the log's type and data (`{"type": …, "data": …}`).
+pub(crate) fn decode_event<T: DeserializeOwned>(
+    event_type: &str,
+    data: Option<&serde_json::value::RawValue>,
+) -> Result<T, ApplyError> {
     let data = data.map_or("null", |d| d.get());
     let tagged = format!(
         "{{\"type\":{},\"data\":{data}}}",

@@ -18,7 +18,11 @@ use lockstep_proto::record::ChainHash;
 use lockstep_proto::subscription::{Start, StartName, Stuck, SubscriptionSpec};
 
 use crate::client::{Client, ClientError};
-use crate::replica::{ApplyError, EventMeta, Replica, decode, decode_state, encode_state};
+use serde::de::DeserializeOwned;
+
+use crate::replica::{
+    ApplyError, EventMeta, Replica, decode, decode_event, decode_state, encode_state,
+};
 use crate::snapshot::{SnapshotStore, StoreError};
 use crate::subscription::StreamItem;
 
@@ -108,6 +112,28 @@ impl RuntimeBuilder {
     pub fn check_determinism(mut self, on: bool) -> Self {
         self.check_determinism = on;
         self
+    }
+
+    /// The runtime of a replica whose state lives in its own database; `state_dir` is not used.
+    pub fn build_external<E: ExternalReplica>(
+        self,
+        replica: E,
+    ) -> Result<ExternalRuntime<E>, RuntimeError> {
+        let missing = |what: &str| RuntimeError::Config(format!("{what} is required"));
+        let service = self.service.clone().ok_or_else(|| missing("service"))?;
+        let replica_id = self.replica.clone().ok_or_else(|| missing("replica"))?;
+        let client = Client::new(&self.url)?;
+        let position = replica.resume_after()?;
+        Ok(ExternalRuntime {
+            driver: Driver {
+                client,
+                service,
+                replica: replica_id,
+                settings: self,
+            },
+            replica,
+            position: std::sync::atomic::AtomicU64::new(position),
+        })
     }
 
     /// The runtime for replica type `R`.
@@ -237,10 +263,102 @@ impl<R: Replica> Runtime<R> {
     /// completes. Connection losses are retried forever; a failing apply is retried forever too,
     /// with the replica reported stuck at that position.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RuntimeError> {
+        let driver = Driver {
+            client: self.client.clone(),
+            service: self.service.clone(),
+            replica: self.replica.clone(),
+            settings: self.settings.clone(),
+        };
+        driver.run(&self, shutdown).await
+    }
+}
+
+impl<R: Replica> Target for Runtime<R> {
+    fn position(&self) -> u64 {
+        self.state.position()
+    }
+
+    fn apply(&self, event: &crate::Event, meta: &EventMeta) -> Result<(), ApplyError> {
+        let decoded = decode::<R>(&event.event_type, event.data.as_deref())?;
+        let mut guard = match self.state.inner.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        R::apply(&mut guard.state, decoded, meta)?;
+        guard.position = event.position;
+        guard.chain_hash.clone_from(&event.hash);
+        Ok(())
+    }
+
+    fn skip(&self, event: &crate::Event) -> Result<(), ApplyError> {
+        let mut guard = match self.state.inner.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        guard.position = event.position;
+        guard.chain_hash.clone_from(&event.hash);
+        Ok(())
+    }
+
+    /// Writes a snapshot of the current state (and checks it round-trips canonically).
+    async fn checkpoint(&self) -> Result<(), RuntimeError> {
+        let (position, chain_hash, bytes) = self.state.inner_read(|applied| {
+            encode_state(&applied.state)
+                .map(|b| (applied.position, chain_bytes(&applied.chain_hash), b))
+        })?;
+        if position == 0 {
+            return Ok(());
+        }
+        if self.settings.check_determinism {
+            let again = decode_state::<R::State>(&bytes).and_then(|s| encode_state(&s))?;
+            if again != bytes {
+                tracing::error!(
+                    position,
+                    "NON-CANONICAL STATE: decoding and re-encoding the state changes its bytes \
+                     (a HashMap?); replicas will disagree on their state hash"
+                );
+            }
+        }
+        let store = Arc::clone(&self.store);
+        let keep = self.settings.keep_snapshots;
+        tokio::task::spawn_blocking(move || store.save(position, chain_hash, &bytes, keep))
+            .await
+            .map_err(|e| RuntimeError::Config(format!("snapshot task failed: {e}")))??;
+        tracing::debug!(position, "snapshot written");
+        Ok(())
+    }
+}
+
+/// What the shared loop drives: the in-memory [`Runtime`] or an [`ExternalRuntime`].
+trait Target: Sync {
+    /// The position the target includes everything up to.
+    fn position(&self) -> u64;
+    /// Applies one event (not a control record).
+    fn apply(&self, event: &crate::Event, meta: &EventMeta) -> Result<(), ApplyError>;
+    /// Records a control record's position as applied (it changes no state).
+    fn skip(&self, event: &crate::Event) -> Result<(), ApplyError>;
+    /// Makes progress durable: a snapshot, or nothing when the target stores its own position.
+    fn checkpoint(&self) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+}
+
+/// The loop shared by both runtimes: register, stream, apply in order, checkpoint, ack.
+struct Driver {
+    client: Client,
+    service: String,
+    replica: String,
+    settings: RuntimeBuilder,
+}
+
+impl Driver {
+    async fn run(
+        &self,
+        target: &impl Target,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), RuntimeError> {
         tokio::pin!(shutdown);
-        let mut after = self.register().await?;
-        let mut since_snapshot = 0u64;
-        let mut last_snapshot = Instant::now();
+        let mut after = self.register(target.position()).await?;
+        let mut since_checkpoint = 0u64;
+        let mut last_checkpoint = Instant::now();
         let mut last_ack = Instant::now();
         let mut backoff = Duration::from_millis(100);
         'connect: loop {
@@ -267,20 +385,16 @@ impl<R: Replica> Runtime<R> {
                 };
                 match item {
                     Some(Ok(StreamItem::Event(event))) => {
-                        if !is_reserved(&event.event_type) {
-                            tokio::select! {
-                                () = self.apply_until_done(&event) => {}
-                                _ = &mut shutdown => break 'connect,
-                            }
-                        } else {
-                            self.advance(&event);
+                        tokio::select! {
+                            () = self.apply_until_done(target, &event) => {}
+                            _ = &mut shutdown => break 'connect,
                         }
                         after = event.position;
-                        since_snapshot += 1;
+                        since_checkpoint += 1;
                     }
                     Some(Ok(StreamItem::Heartbeat { .. })) => {}
                     Some(Ok(StreamItem::Complete)) => {
-                        self.snapshot().await?;
+                        target.checkpoint().await?;
                         self.ack(after).await;
                         return Ok(());
                     }
@@ -290,13 +404,13 @@ impl<R: Replica> Runtime<R> {
                     }
                     None => continue 'connect,
                 }
-                if since_snapshot >= self.settings.snapshot_every
-                    || (since_snapshot > 0
-                        && last_snapshot.elapsed() >= self.settings.snapshot_interval)
+                if since_checkpoint >= self.settings.snapshot_every
+                    || (since_checkpoint > 0
+                        && last_checkpoint.elapsed() >= self.settings.snapshot_interval)
                 {
-                    self.snapshot().await?;
-                    since_snapshot = 0;
-                    last_snapshot = Instant::now();
+                    target.checkpoint().await?;
+                    since_checkpoint = 0;
+                    last_checkpoint = Instant::now();
                 }
                 if last_ack.elapsed() >= ACK_INTERVAL {
                     self.ack(after).await;
@@ -304,13 +418,14 @@ impl<R: Replica> Runtime<R> {
                 }
             }
         }
-        self.snapshot().await?;
-        self.ack(self.state.position()).await;
+        target.checkpoint().await?;
+        self.ack(target.position()).await;
         Ok(())
     }
 
-    /// Registers the subscription; returns the position to stream after.
-    async fn register(&self) -> Result<u64, RuntimeError> {
+    /// Registers the subscription; returns the position to stream after. `local` is where the
+    /// replica's own state stands (0: nothing applied).
+    async fn register(&self, local: u64) -> Result<u64, RuntimeError> {
         let spec = SubscriptionSpec {
             service: self.service.clone(),
             replica: self.replica.clone(),
@@ -320,7 +435,6 @@ impl<R: Replica> Runtime<R> {
             push_url: None,
             push_format: None,
         };
-        let local = self.state.position();
         let (info, created) = self.client.subscribe(&spec, false).await?;
         if local > 0 {
             return Ok(local);
@@ -329,7 +443,7 @@ impl<R: Replica> Runtime<R> {
             // The broker remembers progress this replica's state no longer has: start over.
             tracing::warn!(
                 position = info.position,
-                "no local snapshot but the subscription has moved on; replaying from its start"
+                "no local state but the subscription has moved on; replaying from its start"
             );
             let (info, _) = self.client.subscribe(&spec, true).await?;
             return Ok(info.position);
@@ -338,7 +452,7 @@ impl<R: Replica> Runtime<R> {
     }
 
     /// Applies one event, retrying with backoff until it succeeds; never skips it.
-    async fn apply_until_done(&self, event: &crate::Event) {
+    async fn apply_until_done(&self, target: &impl Target, event: &crate::Event) {
         let meta = EventMeta {
             position: event.position,
             id: event.id.clone(),
@@ -350,17 +464,11 @@ impl<R: Replica> Runtime<R> {
         let mut delay = Duration::from_millis(100);
         let mut failures = 0u32;
         loop {
-            let result =
-                decode::<R>(&event.event_type, event.data.as_deref()).and_then(|decoded| {
-                    let mut guard = match self.state.inner.write() {
-                        Ok(guard) => guard,
-                        Err(poisoned) => poisoned.into_inner(),
-                    };
-                    R::apply(&mut guard.state, decoded, &meta)?;
-                    guard.position = event.position;
-                    guard.chain_hash.clone_from(&event.hash);
-                    Ok(())
-                });
+            let result = if is_reserved(&event.event_type) {
+                target.skip(event)
+            } else {
+                target.apply(event, &meta)
+            };
             match result {
                 Ok(()) => {
                     if failures > 0 {
@@ -393,44 +501,6 @@ impl<R: Replica> Runtime<R> {
         }
     }
 
-    /// Records a control record's position as applied (it changes no state).
-    fn advance(&self, event: &crate::Event) {
-        let mut guard = match self.state.inner.write() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        guard.position = event.position;
-        guard.chain_hash.clone_from(&event.hash);
-    }
-
-    /// Writes a snapshot of the current state (and checks it round-trips canonically).
-    async fn snapshot(&self) -> Result<(), RuntimeError> {
-        let (position, chain_hash, bytes) = self.state.inner_read(|applied| {
-            encode_state(&applied.state)
-                .map(|b| (applied.position, chain_bytes(&applied.chain_hash), b))
-        })?;
-        if position == 0 {
-            return Ok(());
-        }
-        if self.settings.check_determinism {
-            let again = decode_state::<R::State>(&bytes).and_then(|s| encode_state(&s))?;
-            if again != bytes {
-                tracing::error!(
-                    position,
-                    "NON-CANONICAL STATE: decoding and re-encoding the state changes its bytes \
-                     (a HashMap?); replicas will disagree on their state hash"
-                );
-            }
-        }
-        let store = Arc::clone(&self.store);
-        let keep = self.settings.keep_snapshots;
-        tokio::task::spawn_blocking(move || store.save(position, chain_hash, &bytes, keep))
-            .await
-            .map_err(|e| RuntimeError::Config(format!("snapshot task failed: {e}")))??;
-        tracing::debug!(position, "snapshot written");
-        Ok(())
-    }
-
     async fn report_stuck(&self, stuck: Option<Stuck>) {
         if let Err(e) = self
             .client
@@ -452,6 +522,70 @@ impl<R: Replica> Runtime<R> {
         {
             tracing::debug!(error = %e, "ack failed; the next one will carry the position");
         }
+    }
+}
+
+/// A replica whose state lives in its own database (the escape hatch). Instead of snapshots,
+/// it stores the position (and chain hash) of each event in the same transaction as the event's
+/// effects, and tells the runtime on start where it stands.
+///
+/// The same correctness requirements as [`Replica`] hold: deterministic effects, and an `Err`
+/// leaves the database as it was (roll the transaction back); the runtime retries and never skips.
+pub trait ExternalReplica: Send + Sync + 'static {
+    /// The events, decoded like [`Replica::Event`].
+    type Event: DeserializeOwned + Send;
+
+    /// The last position whose effects are stored (what [`apply`](Self::apply) stored last),
+    /// or 0 when nothing is. Called once, at start: delivery resumes after it.
+    fn resume_after(&self) -> Result<u64, ApplyError>;
+
+    /// Applies one event and, in the same transaction, stores `meta.position` and `meta.hash`.
+    fn apply(&self, event: Self::Event, meta: &EventMeta) -> Result<(), ApplyError>;
+
+    /// Records that everything up to `position` (a control record, no effects) is applied;
+    /// store the position so a restart resumes after it. The default does nothing: the control
+    /// record is then delivered again after a restart, which is harmless.
+    fn skip(&self, _position: u64, _hash: &str) -> Result<(), ApplyError> {
+        Ok(())
+    }
+}
+
+/// The runtime of an [`ExternalReplica`]. Build with [`RuntimeBuilder::build_external`].
+pub struct ExternalRuntime<E: ExternalReplica> {
+    driver: Driver,
+    replica: E,
+    position: std::sync::atomic::AtomicU64,
+}
+
+impl<E: ExternalReplica> ExternalRuntime<E> {
+    /// Runs until `shutdown` resolves or a bounded subscription completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RuntimeError> {
+        self.driver.run(&self, shutdown).await
+    }
+}
+
+impl<E: ExternalReplica> Target for ExternalRuntime<E> {
+    fn position(&self) -> u64 {
+        self.position.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn apply(&self, event: &crate::Event, meta: &EventMeta) -> Result<(), ApplyError> {
+        let decoded: E::Event = decode_event(&event.event_type, event.data.as_deref())?;
+        self.replica.apply(decoded, meta)?;
+        self.position
+            .store(event.position, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    fn skip(&self, event: &crate::Event) -> Result<(), ApplyError> {
+        self.replica.skip(event.position, &event.hash)?;
+        self.position
+            .store(event.position, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    async fn checkpoint(&self) -> Result<(), RuntimeError> {
+        Ok(())
     }
 }
 
