@@ -1,16 +1,10 @@
-//! The smallest Lockstep replica: counters per key, kept identical on every replica.
-//!
-//! ```sh
-//! cargo run --release -p lockstep-cli -- serve &
-//! cargo run --example counter -- c-1 &   # a replica; start several with other ids
-//! lockstep publish counter.incremented '{"by": 5}' --key apples
-//! ```
+//! The smallest replica: counters per key, identical on every replica. With a broker running:
+//! `cargo run --example counter -- c-1`, then `lockstep publish counter.incremented '{"by":5}' --key a`.
 use std::collections::BTreeMap;
 
 use lockstep::{ApplyError, EventMeta, Replica, Runtime};
-use serde::Deserialize;
 
-#[derive(Deserialize)]
+#[derive(serde::Deserialize)]
 #[serde(tag = "type", content = "data")]
 enum Event {
     #[serde(rename = "counter.incremented")]
@@ -42,14 +36,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .state_dir(format!("./counter-state/{id}"))
         .build::<Counters>()?;
     let state = runtime.state();
-    tokio::spawn(async move {
+    let printer = tokio::spawn(async move {
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-            state.read(|counts, position| println!("at {position}: {counts:?}"));
+            state.read(|counts, at| println!("at {at}: {counts:?}"));
         }
     });
     runtime
         .run(async { tokio::signal::ctrl_c().await.unwrap_or(()) })
         .await?;
+    printer.abort();
     Ok(())
 }

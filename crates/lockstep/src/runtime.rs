@@ -378,10 +378,18 @@ impl Driver {
                 _ = &mut shutdown => break 'connect,
             };
             backoff = Duration::from_millis(100);
+            let mut acked = 0;
             loop {
                 let item = tokio::select! {
                     item = stream.next() => item,
                     _ = &mut shutdown => break 'connect,
+                    // A quiet stream: let the broker know where this replica stands.
+                    _ = tokio::time::sleep(ACK_INTERVAL), if acked != after => {
+                        self.ack(after).await;
+                        acked = after;
+                        last_ack = Instant::now();
+                        continue;
+                    }
                 };
                 match item {
                     Some(Ok(StreamItem::Event(event))) => {
@@ -414,6 +422,7 @@ impl Driver {
                 }
                 if last_ack.elapsed() >= ACK_INTERVAL {
                     self.ack(after).await;
+                    acked = after;
                     last_ack = Instant::now();
                 }
             }
