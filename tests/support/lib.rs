@@ -41,6 +41,11 @@ impl TestBroker {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
+        Self::serve(dir, broker, listener)
+    }
+
+    /// Serves `broker` on `listener` until [`TestBroker::stop`].
+    fn serve(dir: TempDir, broker: Broker, listener: tokio::net::TcpListener) -> Self {
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let (stop, stopped) = oneshot::channel();
         let handle = broker.clone();
@@ -251,18 +256,6 @@ impl TestBroker {
                 }
             }
         };
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let (stop, stopped) = oneshot::channel();
-        let handle = broker.clone();
-        let task = tokio::spawn(lockstep_broker::serve(listener, broker, async {
-            let _ = stopped.await;
-        }));
-        Self {
-            url,
-            dir,
-            broker: Some(handle),
-            stop,
-            task,
-        }
+        Self::serve(dir, broker, listener)
     }
 }

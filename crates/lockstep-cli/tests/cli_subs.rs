@@ -5,30 +5,7 @@ mod common;
 
 use std::process::Output;
 
-use common::{BrokerProcess, lockstep};
-
-fn run(url: &str, args: &[&str]) -> Output {
-    lockstep()
-        .arg("--url")
-        .arg(url)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-/// A failed command prints exactly one line, starting with "error:", and exits non-zero.
-fn assert_one_line_error(out: &Output, needle: &str) {
-    assert!(!out.status.success(), "expected failure: {}", stdout(out));
-    let err = String::from_utf8(out.stderr.clone()).unwrap();
-    assert_eq!(err.lines().count(), 1, "one line, got: {err}");
-    assert!(err.starts_with("error: "), "{err}");
-    assert!(err.contains(needle), "{err:?} should mention {needle:?}");
-    assert!(!err.contains("panicked"), "{err}");
-}
+use common::{BrokerProcess, assert_one_line_error, run, stdout};
 
 fn json(out: &Output) -> serde_json::Value {
     assert!(out.status.success(), "{out:?}");

@@ -161,12 +161,7 @@ impl Client {
             .send()
             .await
             .map_err(ClientError::Unreachable)?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(());
-        }
-        let body = response.bytes().await.map_err(ClientError::Unreachable)?;
-        Err(api_error(status, &body))
+        no_content(response).await
     }
 
     /// Pulls one page of a subscription's events: its types (control records always included),
@@ -241,12 +236,7 @@ impl Client {
             .send()
             .await
             .map_err(ClientError::Unreachable)?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(());
-        }
-        let body = response.bytes().await.map_err(ClientError::Unreachable)?;
-        Err(api_error(status, &body))
+        no_content(response).await
     }
 
     /// Opens a stream of a subscription's events, after its acknowledged position unless
@@ -527,6 +517,16 @@ impl LineSplitter {
             self.max_line
         ))
     }
+}
+
+/// An answer without a body: success, or the broker's error.
+async fn no_content(response: reqwest::Response) -> Result<(), ClientError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let body = response.bytes().await.map_err(ClientError::Unreachable)?;
+    Err(api_error(status, &body))
 }
 
 #[cfg(test)]

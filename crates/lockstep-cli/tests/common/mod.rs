@@ -3,6 +3,7 @@
 
 use std::io::{BufRead as _, BufReader};
 use std::path::Path;
+use std::process::Output;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -82,4 +83,29 @@ impl Drop for BrokerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `lockstep --url URL ARGS…` and returns what it printed.
+pub fn run(url: &str, args: &[&str]) -> Output {
+    lockstep()
+        .arg("--url")
+        .arg(url)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A command's standard output.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// A failed command prints exactly one line, starting with "error:", and exits non-zero.
+pub fn assert_one_line_error(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "expected failure: {}", stdout(out));
+    let err = String::from_utf8(out.stderr.clone()).unwrap();
+    assert_eq!(err.lines().count(), 1, "one line, got: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+    assert!(!err.contains("panicked"), "{err}");
 }
