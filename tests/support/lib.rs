@@ -29,9 +29,12 @@ impl TestBroker {
     }
 
     /// Starts a broker on a new temporary directory, after `configure` adjusts its settings.
+    ///
+    /// Automatic barriers are off unless `configure` turns them on, so that tests can count the
+    /// events they publish; `TestBroker::barrier` appends one on demand.
     pub async fn start_with(configure: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = Config::with_data_dir(dir.path());
+        let mut config = quiet(Config::with_data_dir(dir.path()));
         configure(&mut config);
         Self::start_in(dir, config).await
     }
@@ -75,7 +78,7 @@ impl TestBroker {
     /// Stops the broker and starts a new one on the same data directory.
     pub async fn restart(self) -> Self {
         let dir = self.stop().await;
-        let config = Config::with_data_dir(dir.path());
+        let config = quiet(Config::with_data_dir(dir.path()));
         Self::start_in(dir, config).await
     }
 
@@ -88,6 +91,13 @@ impl TestBroker {
     pub fn at(&self, path: &str) -> String {
         format!("{}{path}", self.url)
     }
+}
+
+/// `config` without automatic barriers.
+fn quiet(mut config: Config) -> Config {
+    config.barrier_every = 0;
+    config.barrier_interval_ms = 0;
+    config
 }
 
 /// Polls `condition` every 10 ms until it holds, failing the test after `timeout`.
@@ -245,7 +255,7 @@ impl TestBroker {
     /// (e.g. the address of a stopped broker, so clients keep their URL). Retries the bind for a
     /// few seconds while the old socket is released.
     pub async fn start_on(dir: TempDir, addr: std::net::SocketAddr) -> Self {
-        let broker = Broker::open(Config::with_data_dir(dir.path())).expect("open broker");
+        let broker = Broker::open(quiet(Config::with_data_dir(dir.path()))).expect("open broker");
         let deadline = Instant::now() + Duration::from_secs(5);
         let listener = loop {
             match tokio::net::TcpListener::bind(addr).await {

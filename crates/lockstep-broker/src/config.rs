@@ -15,6 +15,11 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
 /// memory the log takes however long it grows.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
+/// Default: a barrier every 10,000 events.
+pub const DEFAULT_BARRIER_EVERY: u64 = 10_000;
+/// Default: a barrier every 10 s while events arrive.
+pub const DEFAULT_BARRIER_INTERVAL_MS: u64 = 10_000;
+
 /// How the broker runs. Every field has a default; a TOML config file may set any of them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -27,6 +32,10 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// redb page cache size, in bytes.
     pub cache_bytes: usize,
+    /// Append a barrier after this many events (0: never by count).
+    pub barrier_every: u64,
+    /// Append a barrier this often while events arrive, in milliseconds (0: never by time).
+    pub barrier_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -38,6 +47,8 @@ impl Default for Config {
                 .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7700))),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             cache_bytes: DEFAULT_CACHE_BYTES,
+            barrier_every: DEFAULT_BARRIER_EVERY,
+            barrier_interval_ms: DEFAULT_BARRIER_INTERVAL_MS,
         }
     }
 }

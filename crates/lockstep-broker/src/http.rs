@@ -15,12 +15,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::DateTime;
 use lockstep_proto::TypeFilter;
+use lockstep_proto::consistency::StateReport;
 use lockstep_proto::subscription::{Ack, ReplicaStatus, SubscriptionSpec};
 use lockstep_proto::wire::{ErrorBody, ErrorDetail, write_publish_response};
 use serde::Deserialize;
 
 use crate::Broker;
 use crate::cloudevents;
+use crate::consistency::ReportError;
 use crate::error::{AppendError, ConflictKind, PublishError, ReadError};
 use crate::publish::parse_native;
 use crate::read::Layout;
@@ -34,6 +36,9 @@ pub fn router(broker: Broker) -> Router {
         .route("/v1/events", get(read_events).post(publish))
         .route("/v1/events/{position}", get(read_event))
         .route("/v1/head", get(head))
+        .route("/v1/barriers", post(barrier))
+        .route("/v1/reports", post(report))
+        .route("/v1/verify", get(verify))
         .route(
             "/v1/subscriptions",
             get(list_subscriptions).post(create_subscription),
@@ -538,6 +543,42 @@ async fn report_status(
     let ReplicaStatus { stuck } = json_body(body)?;
     broker.report_status(&service, &replica, stuck)?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn barrier(State(broker): State<Broker>) -> Result<Response, ApiError> {
+    let position = broker.barrier().await?;
+    Ok(Json(serde_json::json!({ "position": position })).into_response())
+}
+
+async fn report(
+    State(broker): State<Broker>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let report: StateReport = json_body(body)?;
+    broker.report(report).await.map_err(|e| match e {
+        ReportError::Invalid(message) => ApiError::bad_request("invalid_report", message),
+        ReportError::Store(e) => ApiError::internal("storing a report failed", e),
+    })?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyParams {
+    service: Option<String>,
+}
+
+async fn verify(
+    State(broker): State<Broker>,
+    params: Result<Query<VerifyParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) =
+        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let verification = broker
+        .verify(params.service)
+        .await
+        .map_err(|e| ApiError::internal("verification failed", e))?;
+    Ok(Json(verification).into_response())
 }
 
 async fn not_found() -> ApiError {

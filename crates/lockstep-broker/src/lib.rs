@@ -8,6 +8,7 @@
 //! - [`registry`]: durable subscriptions and their acknowledged positions (the registrar).
 //! - [`delivery`]: pull delivery to subscriptions (pages, streams, acks) and their health.
 //! - [`push`]: push delivery: POSTing batches to subscribers' URLs, in order, with retries.
+//! - [`consistency`]: barriers, replicas' state-hash reports, verification.
 //! - [`log`]: the redb store and its group-committing writer thread.
 //! - [`config`], [`error`], [`metrics`]: settings, error types, counters.
 //!
@@ -24,6 +25,7 @@
 
 pub mod cloudevents;
 pub mod config;
+pub mod consistency;
 pub mod delivery;
 pub mod error;
 pub mod http;
@@ -55,6 +57,7 @@ pub struct Broker {
 struct Inner {
     log: Log,
     registry: Arc<registry::Registry>,
+    reports: Arc<consistency::Reports>,
     config: Config,
     /// Turns true when shutdown starts, so long-polls return at once.
     stopping: watch::Sender<bool>,
@@ -65,6 +68,7 @@ impl Broker {
     pub fn open(config: Config) -> Result<Self, StoreError> {
         let log = Log::open(&config.data_dir, config.cache_bytes)?;
         let registry = Arc::new(registry::Registry::open(&config.data_dir)?);
+        let reports = Arc::new(consistency::Reports::open(&config.data_dir)?);
         tracing::info!(
             data_dir = %config.data_dir.display(),
             head = log.tip().position,
@@ -75,6 +79,7 @@ impl Broker {
             inner: Arc::new(Inner {
                 log,
                 registry,
+                reports,
                 config,
                 stopping: watch::Sender::new(false),
             }),
@@ -181,6 +186,7 @@ impl Broker {
                 push::spawn(self.clone(), sub);
             }
         }
+        self.spawn_barriers();
     }
 
     async fn flush_positions(&self) {

@@ -8,6 +8,7 @@ mod bench;
 mod client_cmds;
 mod serve;
 mod subs;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -45,6 +46,14 @@ enum Command {
     Head,
     /// Subscriptions: list (default), add, rm, show.
     Subs(subs::SubsArgs),
+    /// Whether every service's replicas hold the same state; exits 1 on divergence.
+    Verify {
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// Append a barrier now: every replica reports its state hash there.
+    Barrier,
     /// Measure the broker: publish throughput and latency, catch-up reads, subscription fan-out.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -71,6 +80,10 @@ fn main() -> ExitCode {
             Command::Tail(args) => client_cmds::tail(&client_url(), cli.json, args).await,
             Command::Head => client_cmds::head(&client_url(), cli.json).await,
             Command::Subs(args) => subs::run(&client_url(), cli.json, args).await,
+            Command::Verify { service } => {
+                verify::verify(&client_url(), cli.json, service.as_deref()).await
+            }
+            Command::Barrier => verify::barrier(&client_url(), cli.json).await,
             Command::Bench(command) => bench::run(cli.url.as_deref(), cli.json, command).await,
         }
     });

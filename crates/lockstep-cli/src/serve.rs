@@ -17,12 +17,19 @@ pub struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:7700]
     #[arg(long, env = "LOCKSTEP_LISTEN")]
     listen: Option<SocketAddr>,
-    /// TOML config file (keys: data_dir, listen, max_body_bytes, cache_bytes).
+    /// TOML config file (keys: data_dir, listen, max_body_bytes, cache_bytes, barrier_every,
+    /// barrier_interval_ms).
     #[arg(long, env = "LOCKSTEP_CONFIG")]
     config: Option<PathBuf>,
     /// Largest request body accepted, in bytes [default: 4194304]
     #[arg(long, env = "LOCKSTEP_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
+    /// Append a barrier after this many events; 0 for never [default: 10000]
+    #[arg(long, env = "LOCKSTEP_BARRIER_EVERY")]
+    barrier_every: Option<u64>,
+    /// Append a barrier this often (ms) while events arrive; 0 for never [default: 10000]
+    #[arg(long, env = "LOCKSTEP_BARRIER_INTERVAL_MS")]
+    barrier_interval_ms: Option<u64>,
 }
 
 impl ServeArgs {
@@ -44,6 +51,12 @@ impl ServeArgs {
         }
         if let Some(max) = self.max_body_bytes {
             config.max_body_bytes = max;
+        }
+        if let Some(every) = self.barrier_every {
+            config.barrier_every = every;
+        }
+        if let Some(interval) = self.barrier_interval_ms {
+            config.barrier_interval_ms = interval;
         }
         Ok(config)
     }

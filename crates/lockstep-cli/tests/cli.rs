@@ -154,3 +154,40 @@ fn serve_settings_come_from_the_config_file() {
         .unwrap();
     assert_one_line_error(&out, "colour");
 }
+
+#[test]
+fn verify_prints_a_table_and_exits_1_on_divergence() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let url = broker.url.as_str();
+    let out = run(url, &["verify"]);
+    assert!(out.status.success(), "no reports yet is not a failure");
+    let out = run(url, &["--json", "barrier"]);
+    let barrier: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let position = barrier["position"].as_u64().unwrap();
+    // Three replicas report; the third disagrees.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = lockstep::Client::new(url).unwrap();
+    let post = |replica: &str, hash: char| {
+        let report = lockstep::StateReport {
+            service: "bank".into(),
+            replica: replica.into(),
+            position,
+            state_hash: hash.to_string().repeat(64),
+            chain_hash: "0".repeat(64),
+        };
+        runtime.block_on(client.report_state(&report)).unwrap();
+    };
+    post("b-1", 'a');
+    post("b-2", 'a');
+    let out = run(url, &["verify"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("verified"));
+    post("b-3", 'b');
+    let out = run(url, &["verify"]);
+    assert_one_line_error(&out, "replicas diverged: bank (b-3)");
+    let table = stdout(&out);
+    let b3 = table.lines().find(|l| l.contains("b-3")).unwrap();
+    assert!(b3.contains("DIVERGED") && b3.contains("NO"), "{table}");
+    broker.terminate();
+}

@@ -4,8 +4,10 @@
 //! - [`names`]: event type names (`account.opened`) and the patterns that select them (`account.*`).
 //! - [`record`]: the canonical bytes of an event and the blake3 hash chain over them.
 //! - [`wire`]: request and response bodies of the HTTP API, and the fast JSON writer of the read path.
+//! - [`consistency`]: barriers, state-hash reports and verification.
 //! - [`subscription`]: the registrar's shapes: subscriptions, their start, end, position and state.
 
+pub mod consistency;
 pub mod names;
 pub mod record;
 pub mod subscription;

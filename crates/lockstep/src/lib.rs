@@ -34,6 +34,9 @@ pub mod snapshot;
 mod subscription;
 
 pub use client::{Client, ClientError, Pages, ReadRequest};
+pub use lockstep_proto::consistency::{
+    ReplicaStanding, ServiceVerification, StateReport, Verdict, Verification,
+};
 pub use lockstep_proto::subscription::{
     End, PushFormat, Start, StartName, SubscriptionInfo, SubscriptionList, SubscriptionSpec,
     SubscriptionState,

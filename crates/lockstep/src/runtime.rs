@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use lockstep_proto::consistency::{BARRIER_TYPE, StateReport};
 use lockstep_proto::names::is_reserved;
 use lockstep_proto::record::ChainHash;
 use lockstep_proto::subscription::{Start, StartName, Stuck, SubscriptionSpec};
@@ -278,6 +279,12 @@ impl<R: Replica> Target for Runtime<R> {
         self.state.position()
     }
 
+    fn state_hash(&self) -> Option<Result<(blake3::Hash, String), ApplyError>> {
+        Some(self.state.inner_read(|applied| {
+            encode_state(&applied.state).map(|b| (blake3::hash(&b), applied.chain_hash.clone()))
+        }))
+    }
+
     fn apply(&self, event: &crate::Event, meta: &EventMeta) -> Result<(), ApplyError> {
         let decoded = decode::<R>(&event.event_type, event.data.as_deref())?;
         let mut guard = match self.state.inner.write() {
@@ -339,6 +346,9 @@ trait Target: Sync {
     fn skip(&self, event: &crate::Event) -> Result<(), ApplyError>;
     /// Makes progress durable: a snapshot, or nothing when the target stores its own position.
     fn checkpoint(&self) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// blake3 of the state's canonical bytes and the chain hash (hex) at its position, where the
+    /// runtime holds the state; `None` where it does not (external state).
+    fn state_hash(&self) -> Option<Result<(blake3::Hash, String), ApplyError>>;
 }
 
 /// The loop shared by both runtimes: register, stream, apply in order, checkpoint, ack.
@@ -399,6 +409,11 @@ impl Driver {
                         }
                         after = event.position;
                         since_checkpoint += 1;
+                        if event.event_type == BARRIER_TYPE {
+                            self.at_barrier(target, event.position).await?;
+                            since_checkpoint = 0;
+                            last_checkpoint = Instant::now();
+                        }
                     }
                     Some(Ok(StreamItem::Heartbeat { .. })) => {}
                     Some(Ok(StreamItem::Complete)) => {
@@ -429,6 +444,27 @@ impl Driver {
         }
         target.checkpoint().await?;
         self.ack(target.position()).await;
+        Ok(())
+    }
+
+    /// At a barrier, with everything up to it applied: snapshot, then report the state's hash so
+    /// the broker can verify that every replica holds the same state here.
+    async fn at_barrier(&self, target: &impl Target, position: u64) -> Result<(), RuntimeError> {
+        let Some(hashed) = target.state_hash() else {
+            return Ok(());
+        };
+        let (state_hash, chain_hash) = hashed?;
+        target.checkpoint().await?;
+        let report = StateReport {
+            service: self.service.clone(),
+            replica: self.replica.clone(),
+            position,
+            state_hash: state_hash.to_hex().to_string(),
+            chain_hash,
+        };
+        if let Err(e) = self.client.report_state(&report).await {
+            tracing::warn!(error = %e, position, "could not report the state hash at a barrier");
+        }
         Ok(())
     }
 
@@ -576,6 +612,10 @@ impl<E: ExternalReplica> ExternalRuntime<E> {
 impl<E: ExternalReplica> Target for ExternalRuntime<E> {
     fn position(&self) -> u64 {
         self.position.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn state_hash(&self) -> Option<Result<(blake3::Hash, String), ApplyError>> {
+        None
     }
 
     fn apply(&self, event: &crate::Event, meta: &EventMeta) -> Result<(), ApplyError> {

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use lockstep_proto::consistency::{StateReport, Verification};
 use lockstep_proto::subscription::{
     Ack, ReplicaStatus, Stuck, SubscriptionInfo, SubscriptionList, SubscriptionSpec,
 };
@@ -516,6 +517,52 @@ impl LineSplitter {
             "stream line longer than {} bytes; is this a Lockstep stream?",
             self.max_line
         ))
+    }
+}
+
+impl Client {
+    /// Reports this replica's state hash at a barrier (`POST /v1/reports`).
+    pub async fn report_state(&self, report: &StateReport) -> Result<(), ClientError> {
+        let response = self
+            .http
+            .post(format!("{}/v1/reports", self.url()))
+            .timeout(REQUEST_TIMEOUT)
+            .json(report)
+            .send()
+            .await
+            .map_err(ClientError::Unreachable)?;
+        no_content(response).await
+    }
+
+    /// Whether every service's replicas hold the same state (`GET /v1/verify`).
+    pub async fn verify(&self, service: Option<&str>) -> Result<Verification, ClientError> {
+        let mut request = self.http.get(format!("{}/v1/verify", self.url()));
+        if let Some(service) = service {
+            request = request.query(&[("service", service)]);
+        }
+        let response = request
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .map_err(ClientError::Unreachable)?;
+        decode(response).await
+    }
+
+    /// Appends a barrier now (`POST /v1/barriers`); returns its position.
+    pub async fn barrier(&self) -> Result<u64, ClientError> {
+        #[derive(Deserialize)]
+        struct Position {
+            position: u64,
+        }
+        let response = self
+            .http
+            .post(format!("{}/v1/barriers", self.url()))
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .map_err(ClientError::Unreachable)?;
+        let answer: Position = decode(response).await?;
+        Ok(answer.position)
     }
 }
 

@@ -25,6 +25,9 @@ impl BrokerProcess {
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data)
             .env("RUST_LOG", "info")
+            // Tests count the events they publish: no automatic barriers.
+            .env("LOCKSTEP_BARRIER_EVERY", "0")
+            .env("LOCKSTEP_BARRIER_INTERVAL_MS", "0")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -1,0 +1,313 @@
+//! Consistency: barriers in the log, replicas' state-hash reports at them, and verification.
+//!
+//! The broker appends a `lockstep.barrier` control record every `barrier_every` events or
+//! `barrier_interval` (when there was traffic since the last), and on demand. Every subscription
+//! receives it whatever its filter; a replica that has applied everything up to it hashes its
+//! state and reports `(service, replica, position, state hash, chain hash)`. Reports live in
+//! `DATA/consistency.redb`; verification groups them by service and barrier: all equal is
+//! *verified*, different is *diverged*, naming the odd replicas and the first barrier at which each
+//! split from the majority.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use lockstep_proto::consistency::{
+    BARRIER_TYPE, ReplicaStanding, ServiceVerification, StateReport, Verdict, Verification,
+};
+use lockstep_proto::record::ChainHash;
+use lockstep_proto::subscription::validate_name;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::Broker;
+use crate::error::StoreError;
+
+/// Reports as verification reads them: service → barrier position → replica → state hash.
+type ReportMap = BTreeMap<String, BTreeMap<u64, BTreeMap<String, [u8; 32]>>>;
+
+/// (service, barrier position, replica) → state hash ‖ chain hash ‖ reported at (ns, BE).
+const REPORTS: TableDefinition<(&str, u64, &str), &[u8]> = TableDefinition::new("reports");
+
+/// Stored state-hash reports.
+pub struct Reports {
+    db: Database,
+}
+
+impl Reports {
+    /// Opens (or creates) `DATA/consistency.redb`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join("consistency.redb");
+        let db = Database::create(&path)
+            .map_err(|e| StoreError::new(format!("opening {}: {e}", path.display())))?;
+        let txn = db.begin_write()?;
+        txn.open_table(REPORTS)?;
+        txn.commit()?;
+        Ok(Self { db })
+    }
+
+    /// Stores a checked report (a replica reporting the same barrier again overwrites it).
+    fn store(
+        &self,
+        report: &StateReport,
+        state: [u8; 32],
+        chain: [u8; 32],
+    ) -> Result<(), StoreError> {
+        let mut value = Vec::with_capacity(72);
+        value.extend_from_slice(&state);
+        value.extend_from_slice(&chain);
+        value.extend_from_slice(&Utc::now().timestamp_nanos_opt().unwrap_or(0).to_be_bytes());
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(REPORTS)?;
+            table.insert(
+                (
+                    report.service.as_str(),
+                    report.position,
+                    report.replica.as_str(),
+                ),
+                value.as_slice(),
+            )?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Every report: service → barrier → replica → state hash.
+    fn all(&self) -> Result<ReportMap, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(REPORTS)?;
+        let mut out: ReportMap = BTreeMap::new();
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            let (service, position, replica) = key.value();
+            let mut state = [0; 32];
+            state.copy_from_slice(
+                value
+                    .value()
+                    .get(..32)
+                    .ok_or_else(|| StoreError::new("short report"))?,
+            );
+            out.entry(service.to_owned())
+                .or_default()
+                .entry(position)
+                .or_default()
+                .insert(replica.to_owned(), state);
+        }
+        Ok(out)
+    }
+}
+
+/// Why a report was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReportError {
+    /// A malformed report.
+    #[error("{0}")]
+    Invalid(String),
+    /// The store failed.
+    #[error("storage failure: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// The verdicts over `reports` (see the module documentation).
+fn verify(reports: &ReportMap) -> Vec<ServiceVerification> {
+    let hex = |h: &[u8; 32]| blake3::Hash::from_bytes(*h).to_hex().to_string();
+    reports
+        .iter()
+        .map(|(service, barriers)| {
+            let mut diverged_at: BTreeMap<&str, u64> = BTreeMap::new();
+            let mut latest: BTreeMap<&str, (u64, [u8; 32])> = BTreeMap::new();
+            let mut majority_at: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
+            let mut last_compared = None;
+            let mut last_verified = None;
+            for (&position, by_replica) in barriers {
+                for (replica, hash) in by_replica {
+                    latest.insert(replica, (position, *hash));
+                }
+                if by_replica.len() < 2 {
+                    continue;
+                }
+                // The majority hash; ties go to the smallest hash, so every reader agrees.
+                let mut counts: BTreeMap<[u8; 32], usize> = BTreeMap::new();
+                for hash in by_replica.values() {
+                    *counts.entry(*hash).or_default() += 1;
+                }
+                let majority = counts
+                    .iter()
+                    .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+                    .map(|(hash, _)| *hash)
+                    .unwrap_or_default();
+                majority_at.insert(position, majority);
+                for (replica, hash) in by_replica {
+                    if *hash != majority {
+                        diverged_at.entry(replica).or_insert(position);
+                    }
+                }
+                last_compared = Some(position);
+                if counts.len() == 1 {
+                    last_verified = Some(position);
+                }
+            }
+            let verdict = match last_compared {
+                None => Verdict::Unknown,
+                Some(p) if last_verified == Some(p) => Verdict::Verified,
+                Some(_) => Verdict::Diverged,
+            };
+            let replicas = latest
+                .iter()
+                .map(|(replica, (position, hash))| ReplicaStanding {
+                    replica: (*replica).to_owned(),
+                    position: *position,
+                    state_hash: hex(hash),
+                    agrees: majority_at.get(position).is_none_or(|m| m == hash),
+                    diverged_at: diverged_at.get(replica).copied(),
+                })
+                .collect();
+            ServiceVerification {
+                service: service.clone(),
+                verdict,
+                barrier: last_compared,
+                state_hash: last_compared.and_then(|p| majority_at.get(&p)).map(hex),
+                replicas,
+                last_verified_barrier: last_verified,
+            }
+        })
+        .collect()
+}
+
+impl Broker {
+    /// Appends a barrier now; returns its position.
+    pub async fn barrier(&self) -> Result<u64, crate::PublishError> {
+        let seq = self.inner.log.tip().position;
+        let ack = self
+            .append_control(BARRIER_TYPE, &serde_json::json!({"after": seq}))
+            .await?;
+        Ok(ack.position)
+    }
+
+    /// Stores a replica's state-hash report.
+    pub async fn report(&self, report: StateReport) -> Result<(), ReportError> {
+        validate_name("service", &report.service).map_err(ReportError::Invalid)?;
+        validate_name("replica", &report.replica).map_err(ReportError::Invalid)?;
+        let head = self.inner.log.tip().position;
+        if report.position == 0 || report.position > head {
+            return Err(ReportError::Invalid(format!(
+                "position {} is not in the log (head {head})",
+                report.position
+            )));
+        }
+        let parse = |what: &str, hex: &str| {
+            ChainHash::from_hex(hex)
+                .map(|h| h.0)
+                .map_err(|_| ReportError::Invalid(format!("{what} is not 64 hex characters")))
+        };
+        let state = parse("state_hash", &report.state_hash)?;
+        let chain = parse("chain_hash", &report.chain_hash)?;
+        let reports = std::sync::Arc::clone(&self.inner.reports);
+        tokio::task::spawn_blocking(move || reports.store(&report, state, chain))
+            .await
+            .map_err(|e| StoreError::new(format!("report task failed: {e}")))??;
+        Ok(())
+    }
+
+    /// Verification of every service (or one).
+    pub async fn verify(&self, service: Option<String>) -> Result<Verification, StoreError> {
+        let reports = std::sync::Arc::clone(&self.inner.reports);
+        let mut all = tokio::task::spawn_blocking(move || reports.all())
+            .await
+            .map_err(|e| StoreError::new(format!("verify task failed: {e}")))??;
+        if let Some(service) = service {
+            all.retain(|s, _| *s == service);
+        }
+        Ok(Verification {
+            services: verify(&all),
+            at: Utc::now(),
+        })
+    }
+
+    /// Appends barriers every `barrier_every` events or `barrier_interval` with traffic, until
+    /// the broker stops. Started by [`Broker::start_background`].
+    pub(crate) fn spawn_barriers(&self) {
+        let (every, interval) = (
+            self.inner.config.barrier_every,
+            self.inner.config.barrier_interval_ms,
+        );
+        if every == 0 && interval == 0 {
+            return;
+        }
+        let broker = self.clone();
+        tokio::spawn(async move {
+            let mut stopping = broker.inner.stopping.subscribe();
+            let mut last = broker.inner.log.tip().position;
+            let mut since = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = stopping.wait_for(|stop| *stop) => break,
+                }
+                let head = broker.inner.log.tip().position;
+                let by_count = every > 0 && head >= last + every;
+                let by_time = interval > 0
+                    && head > last
+                    && since.elapsed() >= Duration::from_millis(interval);
+                if by_count || by_time {
+                    match broker.barrier().await {
+                        Ok(position) => last = position,
+                        Err(e) => tracing::warn!(error = %e, "could not append a barrier"),
+                    }
+                    since = Instant::now();
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reports(rows: &[(&str, u64, &str, u8)]) -> ReportMap {
+        let mut out: ReportMap = BTreeMap::new();
+        for (service, position, replica, hash) in rows {
+            out.entry((*service).into())
+                .or_default()
+                .entry(*position)
+                .or_default()
+                .insert((*replica).into(), [*hash; 32]);
+        }
+        out
+    }
+
+    #[test]
+    fn verdicts_name_the_odd_replica_and_where_it_split() {
+        let all = reports(&[
+            ("bank", 10, "a", 1),
+            ("bank", 10, "b", 1),
+            ("bank", 10, "c", 1),
+            ("bank", 20, "a", 2),
+            ("bank", 20, "b", 2),
+            ("bank", 20, "c", 9),
+            ("bank", 30, "a", 3),
+            ("bank", 30, "b", 3),
+            ("bank", 30, "c", 8),
+            ("shop", 5, "x", 4),
+            ("shop", 5, "y", 4),
+            ("solo", 5, "only", 4),
+        ]);
+        let v = verify(&all);
+        let bank = &v[0];
+        assert_eq!(bank.verdict, Verdict::Diverged);
+        assert_eq!(bank.barrier, Some(30));
+        assert_eq!(bank.last_verified_barrier, Some(10));
+        let c = bank.replicas.iter().find(|r| r.replica == "c").unwrap();
+        assert_eq!((c.agrees, c.diverged_at), (false, Some(20)));
+        assert!(
+            bank.replicas
+                .iter()
+                .filter(|r| r.replica != "c")
+                .all(|r| r.agrees)
+        );
+        assert_eq!(v[1].verdict, Verdict::Verified);
+        assert_eq!(v[2].verdict, Verdict::Unknown);
+    }
+}

@@ -1,0 +1,69 @@
+//! `lockstep verify` and `lockstep barrier`: are the replicas in step?
+
+use anyhow::bail;
+use lockstep::{Client, Verdict};
+
+/// Prints each service's verdict and its replicas; fails (exit 1) when any service diverged.
+pub async fn verify(url: &str, json: bool, service: Option<&str>) -> anyhow::Result<()> {
+    let verification = Client::new(url)?.verify(service).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&verification)?);
+    } else if verification.services.is_empty() {
+        println!("no state reports yet: replicas report at barriers (lockstep barrier)");
+    } else {
+        println!(
+            "{:<16} {:<9} {:>9}  {:<16} {:>9}  {:<12}  {:<6} SPLIT AT",
+            "SERVICE", "VERDICT", "BARRIER", "REPLICA", "POSITION", "STATE", "AGREES"
+        );
+        for s in &verification.services {
+            let verdict = match s.verdict {
+                Verdict::Verified => "verified",
+                Verdict::Diverged => "DIVERGED",
+                Verdict::Unknown => "unknown",
+            };
+            let barrier = s.barrier.map_or("-".to_owned(), |b| b.to_string());
+            for r in &s.replicas {
+                println!(
+                    "{:<16} {:<9} {:>9}  {:<16} {:>9}  {:<12}  {:<6} {}",
+                    s.service,
+                    verdict,
+                    barrier,
+                    r.replica,
+                    r.position,
+                    &r.state_hash[..12.min(r.state_hash.len())],
+                    if r.agrees { "yes" } else { "NO" },
+                    r.diverged_at.map_or("-".to_owned(), |p| p.to_string()),
+                );
+            }
+        }
+    }
+    let diverged: Vec<String> = verification
+        .services
+        .iter()
+        .filter(|s| s.verdict == Verdict::Diverged)
+        .map(|s| {
+            let odd: Vec<&str> = s
+                .replicas
+                .iter()
+                .filter(|r| !r.agrees)
+                .map(|r| r.replica.as_str())
+                .collect();
+            format!("{} ({})", s.service, odd.join(", "))
+        })
+        .collect();
+    if !diverged.is_empty() {
+        bail!("replicas diverged: {}", diverged.join("; "));
+    }
+    Ok(())
+}
+
+/// Appends a barrier and prints its position.
+pub async fn barrier(url: &str, json: bool) -> anyhow::Result<()> {
+    let position = Client::new(url)?.barrier().await?;
+    if json {
+        println!("{}", serde_json::json!({ "position": position }));
+    } else {
+        println!("barrier at position {position}");
+    }
+    Ok(())
+}
