@@ -106,6 +106,16 @@ async fn a_buggy_replica_is_named_at_the_first_barrier_after_the_bad_event() {
     assert_eq!(first.services[0].verdict, Verdict::Verified);
     assert_eq!(first.services[0].last_verified_barrier, Some(good));
 
+    // Name the known-good position.
+    let mark = client
+        .create_mark(
+            "release-42",
+            lockstep::MarkAt::Named(lockstep::MarkAtName::Verified),
+        )
+        .await
+        .unwrap();
+    assert_eq!(mark.position, good);
+
     broker
         .publish(&json!({"type": "counter.doubled", "key": "k1"}))
         .await;
@@ -128,6 +138,33 @@ async fn a_buggy_replica_is_named_at_the_first_barrier_after_the_bad_event() {
     let agreeing: Vec<_> = service.replicas.iter().filter(|r| r.agrees).collect();
     assert_eq!(agreeing.len(), 2);
     assert_eq!(agreeing[0].state_hash, agreeing[1].state_hash);
+
+    // Marks never move: the same again is fine, another position is a conflict.
+    let again = client
+        .create_mark("release-42", lockstep::MarkAt::Position { position: good })
+        .await
+        .unwrap();
+    assert_eq!(again, mark);
+    let moved = client
+        .create_mark(
+            "release-42",
+            lockstep::MarkAt::Named(lockstep::MarkAtName::Head),
+        )
+        .await
+        .unwrap_err();
+    assert!(moved.is_conflict(), "{moved}");
+    let past = client
+        .create_mark("later", lockstep::MarkAt::Position { position: 10_000 })
+        .await
+        .unwrap_err();
+    assert!(past.to_string().contains("past the head"), "{past}");
+    let bad_name = client
+        .create_mark("a/b", lockstep::MarkAt::Named(lockstep::MarkAtName::Head))
+        .await
+        .unwrap_err();
+    assert!(bad_name.to_string().contains("mark name"), "{bad_name}");
+    let marks = client.marks().await.unwrap();
+    assert_eq!(marks.marks, [mark]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use lockstep_proto::consistency::{
-    BARRIER_TYPE, ReplicaStanding, ServiceVerification, StateReport, Verdict, Verification,
+    BARRIER_TYPE, CreateMark, Mark, MarkAt, MarkAtName, MarkList, ReplicaStanding,
+    ServiceVerification, StateReport, Verdict, Verification,
 };
 use lockstep_proto::record::ChainHash;
 use lockstep_proto::subscription::validate_name;
@@ -29,7 +30,10 @@ type ReportMap = BTreeMap<String, BTreeMap<u64, BTreeMap<String, [u8; 32]>>>;
 /// (service, barrier position, replica) → state hash ‖ chain hash ‖ reported at (ns, BE).
 const REPORTS: TableDefinition<(&str, u64, &str), &[u8]> = TableDefinition::new("reports");
 
-/// Stored state-hash reports.
+/// name → (position, created at ns).
+const MARKS: TableDefinition<&str, (u64, i64)> = TableDefinition::new("marks");
+
+/// Stored state-hash reports and marks.
 pub struct Reports {
     db: Database,
 }
@@ -42,6 +46,7 @@ impl Reports {
             .map_err(|e| StoreError::new(format!("opening {}: {e}", path.display())))?;
         let txn = db.begin_write()?;
         txn.open_table(REPORTS)?;
+        txn.open_table(MARKS)?;
         txn.commit()?;
         Ok(Self { db })
     }
@@ -98,12 +103,74 @@ impl Reports {
     }
 }
 
+impl Reports {
+    /// Creates a mark, or returns the existing one of that name if it names the same position.
+    fn create_mark(&self, name: &str, position: u64) -> Result<Mark, ReportError> {
+        let txn = self.db.begin_write().map_err(StoreError::from)?;
+        let mark = {
+            let mut table = txn.open_table(MARKS).map_err(StoreError::from)?;
+            let existing = table
+                .get(name)
+                .map_err(StoreError::from)?
+                .map(|v| v.value());
+            match existing {
+                Some((p, created)) if p == position => Mark {
+                    name: name.to_owned(),
+                    position,
+                    created_at: chrono::DateTime::from_timestamp_nanos(created),
+                },
+                Some((p, _)) => {
+                    return Err(ReportError::Conflict(format!(
+                        "mark {name:?} already names position {p}; marks never move"
+                    )));
+                }
+                None => {
+                    let now = Utc::now();
+                    table
+                        .insert(name, (position, now.timestamp_nanos_opt().unwrap_or(0)))
+                        .map_err(StoreError::from)?;
+                    Mark {
+                        name: name.to_owned(),
+                        position,
+                        created_at: now,
+                    }
+                }
+            }
+        };
+        txn.commit().map_err(StoreError::from)?;
+        Ok(mark)
+    }
+
+    fn marks(&self) -> Result<Vec<Mark>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(MARKS)?;
+        let mut marks = Vec::new();
+        for entry in table.iter()? {
+            let (name, value) = entry?;
+            let (position, created) = value.value();
+            marks.push(Mark {
+                name: name.value().to_owned(),
+                position,
+                created_at: chrono::DateTime::from_timestamp_nanos(created),
+            });
+        }
+        marks.sort_by_key(|m| (m.position, m.name.clone()));
+        Ok(marks)
+    }
+}
+
 /// Why a report was refused.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ReportError {
-    /// A malformed report.
+    /// A malformed report or mark.
     #[error("{0}")]
     Invalid(String),
+    /// The mark exists with another position, or nothing is verified yet.
+    #[error("{0}")]
+    Conflict(String),
+    /// No such mark.
+    #[error("no mark named {0:?}")]
+    NotFound(String),
     /// The store failed.
     #[error("storage failure: {0}")]
     Store(#[from] StoreError),
@@ -223,6 +290,66 @@ impl Broker {
             services: verify(&all),
             at: Utc::now(),
         })
+    }
+
+    /// Creates a named, immutable mark at a position, the head, or the latest verified barrier.
+    pub async fn create_mark(&self, request: CreateMark) -> Result<Mark, ReportError> {
+        validate_name("mark name", &request.name).map_err(ReportError::Invalid)?;
+        let head = self.inner.log.tip().position;
+        let position = match request.at {
+            MarkAt::Named(MarkAtName::Head) => head,
+            MarkAt::Position { position } if position <= head => position,
+            MarkAt::Position { position } => {
+                return Err(ReportError::Invalid(format!(
+                    "position {position} is past the head of the log ({head})"
+                )));
+            }
+            MarkAt::Named(MarkAtName::Verified) => {
+                let verification = self.verify(None).await?;
+                if verification.services.is_empty() {
+                    return Err(ReportError::Conflict(
+                        "nothing is verified yet: no replica has reported at a barrier".into(),
+                    ));
+                }
+                let mut lowest = u64::MAX;
+                for service in &verification.services {
+                    match service.last_verified_barrier {
+                        Some(p) => lowest = lowest.min(p),
+                        None => {
+                            return Err(ReportError::Conflict(format!(
+                                "service {:?} has no verified barrier yet",
+                                service.service
+                            )));
+                        }
+                    }
+                }
+                lowest
+            }
+        };
+        let reports = std::sync::Arc::clone(&self.inner.reports);
+        let name = request.name;
+        tokio::task::spawn_blocking(move || reports.create_mark(&name, position))
+            .await
+            .map_err(|e| StoreError::new(format!("mark task failed: {e}")))?
+    }
+
+    /// Every mark, by position.
+    pub async fn marks(&self) -> Result<MarkList, StoreError> {
+        let reports = std::sync::Arc::clone(&self.inner.reports);
+        let marks = tokio::task::spawn_blocking(move || reports.marks())
+            .await
+            .map_err(|e| StoreError::new(format!("marks task failed: {e}")))??;
+        Ok(MarkList { marks })
+    }
+
+    /// One mark.
+    pub async fn mark(&self, name: &str) -> Result<Mark, ReportError> {
+        self.marks()
+            .await?
+            .marks
+            .into_iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| ReportError::NotFound(name.to_owned()))
     }
 
     /// Appends barriers every `barrier_every` events or `barrier_interval` with traffic, until

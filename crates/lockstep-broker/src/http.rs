@@ -15,7 +15,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::DateTime;
 use lockstep_proto::TypeFilter;
-use lockstep_proto::consistency::StateReport;
+use lockstep_proto::consistency::{CreateMark, StateReport};
 use lockstep_proto::subscription::{Ack, ReplicaStatus, SubscriptionSpec};
 use lockstep_proto::wire::{ErrorBody, ErrorDetail, write_publish_response};
 use serde::Deserialize;
@@ -39,6 +39,8 @@ pub fn router(broker: Broker) -> Router {
         .route("/v1/barriers", post(barrier))
         .route("/v1/reports", post(report))
         .route("/v1/verify", get(verify))
+        .route("/v1/marks", get(list_marks).post(create_mark))
+        .route("/v1/marks/{name}", get(get_mark))
         .route(
             "/v1/subscriptions",
             get(list_subscriptions).post(create_subscription),
@@ -555,11 +557,47 @@ async fn report(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let report: StateReport = json_body(body)?;
-    broker.report(report).await.map_err(|e| match e {
-        ReportError::Invalid(message) => ApiError::bad_request("invalid_report", message),
-        ReportError::Store(e) => ApiError::internal("storing a report failed", e),
-    })?;
+    broker.report(report).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+impl From<ReportError> for ApiError {
+    fn from(err: ReportError) -> Self {
+        match err {
+            ReportError::Invalid(message) => ApiError::bad_request("invalid_report", message),
+            ReportError::Conflict(message) => {
+                ApiError::new(StatusCode::CONFLICT, "mark_conflict", message)
+            }
+            ReportError::NotFound(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", err.to_string())
+            }
+            ReportError::Store(e) => ApiError::internal("consistency store failed", e),
+        }
+    }
+}
+
+async fn create_mark(
+    State(broker): State<Broker>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request: CreateMark = json_body(body)?;
+    Ok(Json(broker.create_mark(request).await?).into_response())
+}
+
+async fn list_marks(State(broker): State<Broker>) -> Result<Response, ApiError> {
+    let marks = broker
+        .marks()
+        .await
+        .map_err(|e| ApiError::internal("listing marks failed", e))?;
+    Ok(Json(marks).into_response())
+}
+
+async fn get_mark(
+    State(broker): State<Broker>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(name) = name.map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))?;
+    Ok(Json(broker.mark(&name).await?).into_response())
 }
 
 #[derive(Debug, Deserialize)]

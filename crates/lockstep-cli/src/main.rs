@@ -54,6 +54,9 @@ enum Command {
     },
     /// Append a barrier now: every replica reports its state hash there.
     Barrier,
+    /// Named, immutable positions ("known good"): create, ls.
+    #[command(subcommand)]
+    Mark(verify::MarkCommand),
     /// Measure the broker: publish throughput and latency, catch-up reads, subscription fan-out.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
                 verify::verify(&client_url(), cli.json, service.as_deref()).await
             }
             Command::Barrier => verify::barrier(&client_url(), cli.json).await,
+            Command::Mark(command) => verify::mark(&client_url(), cli.json, command).await,
             Command::Bench(command) => bench::run(cli.url.as_deref(), cli.json, command).await,
         }
     });

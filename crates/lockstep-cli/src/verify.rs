@@ -1,7 +1,64 @@
 //! `lockstep verify` and `lockstep barrier`: are the replicas in step?
 
 use anyhow::bail;
-use lockstep::{Client, Verdict};
+use lockstep::{Client, MarkAt, MarkAtName, Verdict};
+
+/// `lockstep mark …`.
+#[derive(clap::Subcommand)]
+pub enum MarkCommand {
+    /// Name a position: `--at verified` (the latest barrier every service agreed at), `head`,
+    /// or a position.
+    Create {
+        /// The mark's name, e.g. release-42.
+        name: String,
+        /// verified, head, or a position.
+        #[arg(long, default_value = "verified")]
+        at: String,
+    },
+    /// List the marks.
+    Ls,
+}
+
+/// Runs a mark command.
+pub async fn mark(url: &str, json: bool, command: MarkCommand) -> anyhow::Result<()> {
+    let client = Client::new(url)?;
+    match command {
+        MarkCommand::Create { name, at } => {
+            let at = match at.as_str() {
+                "verified" => MarkAt::Named(MarkAtName::Verified),
+                "head" => MarkAt::Named(MarkAtName::Head),
+                position => MarkAt::Position {
+                    position: position.parse().map_err(|_| {
+                        anyhow::anyhow!("--at takes verified, head or a position, not {position:?}")
+                    })?,
+                },
+            };
+            let mark = client.create_mark(&name, at).await?;
+            if json {
+                println!("{}", serde_json::to_string(&mark)?);
+            } else {
+                println!("mark {} at position {}", mark.name, mark.position);
+            }
+        }
+        MarkCommand::Ls => {
+            let marks = client.marks().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&marks)?);
+            } else {
+                println!("{:<24} {:>10}  CREATED", "MARK", "POSITION");
+                for m in marks.marks {
+                    println!(
+                        "{:<24} {:>10}  {}",
+                        m.name,
+                        m.position,
+                        m.created_at.to_rfc3339()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Prints each service's verdict and its replicas; fails (exit 1) when any service diverged.
 pub async fn verify(url: &str, json: bool, service: Option<&str>) -> anyhow::Result<()> {

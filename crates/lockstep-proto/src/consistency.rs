@@ -78,3 +78,54 @@ pub struct Verification {
     /// When it was computed.
     pub at: DateTime<Utc>,
 }
+
+/// Where a mark points, as asked for (`POST /v1/marks`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MarkAt {
+    /// `"verified"`: the latest barrier at which every service's replicas agreed; `"head"`.
+    Named(MarkAtName),
+    /// `{"position": N}`.
+    Position {
+        /// The position.
+        position: u64,
+    },
+}
+
+/// The named mark targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MarkAtName {
+    /// The latest position verified for every service that reports.
+    Verified,
+    /// The log's head.
+    Head,
+}
+
+/// `POST /v1/marks`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateMark {
+    /// The mark's name, e.g. `release-42`.
+    pub name: String,
+    /// Where it points.
+    pub at: MarkAt,
+}
+
+/// A named, immutable position ("known good").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mark {
+    /// Its name.
+    pub name: String,
+    /// The position it names.
+    pub position: u64,
+    /// When it was made.
+    pub created_at: DateTime<Utc>,
+}
+
+/// `GET /v1/marks`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MarkList {
+    /// Every mark, by position.
+    pub marks: Vec<Mark>,
+}

@@ -35,7 +35,8 @@ mod subscription;
 
 pub use client::{Client, ClientError, Pages, ReadRequest};
 pub use lockstep_proto::consistency::{
-    ReplicaStanding, ServiceVerification, StateReport, Verdict, Verification,
+    Mark, MarkAt, MarkAtName, MarkList, ReplicaStanding, ServiceVerification, StateReport, Verdict,
+    Verification,
 };
 pub use lockstep_proto::subscription::{
     End, PushFormat, Start, StartName, SubscriptionInfo, SubscriptionList, SubscriptionSpec,

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use lockstep_proto::consistency::{StateReport, Verification};
+use lockstep_proto::consistency::{CreateMark, Mark, MarkAt, MarkList, StateReport, Verification};
 use lockstep_proto::subscription::{
     Ack, ReplicaStatus, Stuck, SubscriptionInfo, SubscriptionList, SubscriptionSpec,
 };
@@ -541,6 +541,35 @@ impl Client {
             request = request.query(&[("service", service)]);
         }
         let response = request
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .map_err(ClientError::Unreachable)?;
+        decode(response).await
+    }
+
+    /// Creates a named, immutable mark (`POST /v1/marks`): at a position, the head, or the
+    /// latest barrier every service's replicas agreed at.
+    pub async fn create_mark(&self, name: &str, at: MarkAt) -> Result<Mark, ClientError> {
+        let response = self
+            .http
+            .post(format!("{}/v1/marks", self.url()))
+            .timeout(REQUEST_TIMEOUT)
+            .json(&CreateMark {
+                name: name.to_owned(),
+                at,
+            })
+            .send()
+            .await
+            .map_err(ClientError::Unreachable)?;
+        decode(response).await
+    }
+
+    /// Every mark, by position (`GET /v1/marks`).
+    pub async fn marks(&self) -> Result<MarkList, ClientError> {
+        let response = self
+            .http
+            .get(format!("{}/v1/marks", self.url()))
             .timeout(REQUEST_TIMEOUT)
             .send()
             .await
