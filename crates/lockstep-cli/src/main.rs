@@ -54,6 +54,8 @@ enum Command {
     },
     /// Append a barrier now: every replica reports its state hash there.
     Barrier,
+    /// One screen for an operator: head, subscriptions and lag, verification, marks.
+    Status,
     /// Named, immutable positions ("known good"): create, ls.
     #[command(subcommand)]
     Mark(verify::MarkCommand),
@@ -87,6 +89,7 @@ fn main() -> ExitCode {
                 verify::verify(&client_url(), cli.json, service.as_deref()).await
             }
             Command::Barrier => verify::barrier(&client_url(), cli.json).await,
+            Command::Status => verify::status(&client_url(), cli.json).await,
             Command::Mark(command) => verify::mark(&client_url(), cli.json, command).await,
             Command::Bench(command) => bench::run(cli.url.as_deref(), cli.json, command).await,
         }

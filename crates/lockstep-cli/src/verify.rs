@@ -124,3 +124,81 @@ pub async fn barrier(url: &str, json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `lockstep status`: one screen for an operator: the log, subscriptions, verification, marks.
+pub async fn status(url: &str, json: bool) -> anyhow::Result<()> {
+    let client = Client::new(url)?;
+    let head = client.head().await?;
+    let subs = client.subscriptions().await?;
+    let verification = client.verify(None).await?;
+    let marks = client.marks().await?;
+    if json {
+        let all = serde_json::json!({
+            "head": head,
+            "subscriptions": subs.subscriptions,
+            "verification": verification.services,
+            "marks": marks.marks,
+        });
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(());
+    }
+    let time = head.time.map_or_else(|| "-".to_owned(), |t| t.to_rfc3339());
+    println!("log        head {} at {time}", head.position);
+    println!("           hash {}", head.hash);
+    println!();
+    println!("subscriptions ({})", subs.subscriptions.len());
+    for s in &subs.subscriptions {
+        let mode = if s.spec.push_url.is_some() {
+            "push"
+        } else {
+            "pull"
+        };
+        let state = serde_json::to_value(s.state)?;
+        let state = state.as_str().unwrap_or("?");
+        println!(
+            "  {}/{} [{mode}] position {} lag {} events {:.1} s  {state}{}",
+            s.spec.service,
+            s.spec.replica,
+            s.position,
+            s.lag_events,
+            s.lag_seconds,
+            s.stuck.as_ref().map_or(String::new(), |st| format!(
+                " at {}: {}",
+                st.position, st.error
+            ))
+        );
+    }
+    println!();
+    println!("replicas");
+    if verification.services.is_empty() {
+        println!("  no state reports yet");
+    }
+    for s in &verification.services {
+        let verdict = match s.verdict {
+            Verdict::Verified => "verified",
+            Verdict::Diverged => "DIVERGED",
+            Verdict::Unknown => "unknown",
+        };
+        let last = s
+            .last_verified_barrier
+            .map_or("-".to_owned(), |b| b.to_string());
+        println!(
+            "  {}: {verdict}, {} replicas, last verified barrier {last}",
+            s.service,
+            s.replicas.len()
+        );
+        for r in s.replicas.iter().filter(|r| !r.agrees) {
+            println!(
+                "    {} disagrees (split at {})",
+                r.replica,
+                r.diverged_at.map_or("-".to_owned(), |p| p.to_string())
+            );
+        }
+    }
+    println!();
+    println!("marks ({})", marks.marks.len());
+    for m in &marks.marks {
+        println!("  {} at {}", m.name, m.position);
+    }
+    Ok(())
+}

@@ -189,5 +189,29 @@ fn verify_prints_a_table_and_exits_1_on_divergence() {
     let table = stdout(&out);
     let b3 = table.lines().find(|l| l.contains("b-3")).unwrap();
     assert!(b3.contains("DIVERGED") && b3.contains("NO"), "{table}");
+
+    let out = run(url, &["mark", "create", "before-bug", "--at", "head"]);
+    assert!(
+        stdout(&out).starts_with("mark before-bug at position"),
+        "{out:?}"
+    );
+    assert_one_line_error(
+        &run(url, &["mark", "create", "x", "--at", "soon"]),
+        "--at takes",
+    );
+    let out = run(url, &["status"]);
+    assert!(out.status.success(), "{out:?}");
+    let screen = stdout(&out);
+    for needle in [
+        "log        head",
+        "bank: DIVERGED, 3 replicas",
+        "b-3 disagrees",
+        "before-bug at",
+    ] {
+        assert!(
+            screen.contains(needle),
+            "{needle:?} missing from:\n{screen}"
+        );
+    }
     broker.terminate();
 }
