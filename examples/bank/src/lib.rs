@@ -176,11 +176,8 @@ async fn deposit(
     Path(id): Path<String>,
     Json(Amount { amount }): Json<Amount>,
 ) -> Response {
-    if amount <= 0 {
-        return answer(
-            StatusCode::BAD_REQUEST,
-            json!({"error": "amount must be positive"}),
-        );
+    if let Some(refusal) = not_positive(amount) {
+        return refusal;
     }
     command(&s, &id, BankEvent::Deposited { amount }, |a| {
         a.map(|a| a.last_keyed).ok_or("no such account")
@@ -193,18 +190,10 @@ async fn withdraw(
     Path(id): Path<String>,
     Json(Amount { amount }): Json<Amount>,
 ) -> Response {
-    if amount <= 0 {
-        return answer(
-            StatusCode::BAD_REQUEST,
-            json!({"error": "amount must be positive"}),
-        );
+    if let Some(refusal) = not_positive(amount) {
+        return refusal;
     }
-    command(&s, &id, BankEvent::Withdrawn { amount }, |a| match a {
-        None => Err("no such account"),
-        Some(a) if a.balance < amount => Err("insufficient funds"),
-        Some(a) => Ok(a.last_keyed),
-    })
-    .await
+    command(&s, &id, BankEvent::Withdrawn { amount }, can_pay(amount)).await
 }
 
 async fn transfer(
@@ -228,13 +217,29 @@ async fn transfer(
         &s,
         &id,
         BankEvent::Transferred { to, amount },
-        |a| match a {
-            None => Err("no such account"),
-            Some(a) if a.balance < amount => Err("insufficient funds"),
-            Some(a) => Ok(a.last_keyed),
-        },
+        can_pay(amount),
     )
     .await
+}
+
+/// The check of a payment out of an account: it exists and holds `amount`; then the expected
+/// position is the account's last keyed event.
+fn can_pay(amount: i64) -> impl Fn(Option<&Account>) -> Result<u64, &'static str> {
+    move |account| match account {
+        None => Err("no such account"),
+        Some(a) if a.balance < amount => Err("insufficient funds"),
+        Some(a) => Ok(a.last_keyed),
+    }
+}
+
+/// A 400 answer unless `amount` is positive.
+fn not_positive(amount: i64) -> Option<Response> {
+    (amount <= 0).then(|| {
+        answer(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "amount must be positive"}),
+        )
+    })
 }
 
 /// Checks `event` against this replica's view of account `id` with `check` (which returns the
