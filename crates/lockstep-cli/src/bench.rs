@@ -323,12 +323,8 @@ async fn publish_scenario(
             anyhow::Ok(latencies)
         });
     }
-    let mut latencies = Vec::new();
-    while let Some(done) = tasks.join_next().await {
-        latencies.extend(done??);
-    }
+    let latencies = gather_latencies(tasks).await?;
     let elapsed = started.elapsed();
-    latencies.sort_unstable();
     let events = (latencies.len() * batch) as u64;
     let scenario = if batch == 1 {
         format!("single, {clients} clients")
@@ -369,12 +365,8 @@ async fn sdk_publish_scenario(
             anyhow::Ok(latencies)
         });
     }
-    let mut latencies = Vec::new();
-    while let Some(done) = set.join_next().await {
-        latencies.extend(done??);
-    }
+    let latencies = gather_latencies(set).await?;
     let elapsed = started.elapsed();
-    latencies.sort_unstable();
     let events = latencies.len() as u64;
     Ok(PublishFigures {
         scenario: format!("sdk publisher, {tasks} tasks"),
@@ -385,6 +377,18 @@ async fn sdk_publish_scenario(
         p50_ms: percentile_ms(&latencies, 0.50),
         p99_ms: percentile_ms(&latencies, 0.99),
     })
+}
+
+/// Every task's request latencies, sorted.
+async fn gather_latencies(
+    mut tasks: tokio::task::JoinSet<anyhow::Result<Vec<Duration>>>,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut latencies = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        latencies.extend(done??);
+    }
+    latencies.sort_unstable();
+    Ok(latencies)
 }
 
 fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
