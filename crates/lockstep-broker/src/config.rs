@@ -15,6 +15,9 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
 /// memory the log takes however long it grows.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
+/// Default limit on one uploaded snapshot: 1 GiB.
+pub const DEFAULT_MAX_SNAPSHOT_BYTES: usize = 1 << 30;
+
 /// Default: a barrier every 10,000 events.
 pub const DEFAULT_BARRIER_EVERY: u64 = 10_000;
 /// Default: a barrier every 10 s while events arrive.
@@ -36,6 +39,8 @@ pub struct Config {
     pub barrier_every: u64,
     /// Append a barrier this often while events arrive, in milliseconds (0: never by time).
     pub barrier_interval_ms: u64,
+    /// Largest snapshot a replica may upload, in bytes; larger ones get 413.
+    pub max_snapshot_bytes: usize,
 }
 
 impl Default for Config {
@@ -49,6 +54,7 @@ impl Default for Config {
             cache_bytes: DEFAULT_CACHE_BYTES,
             barrier_every: DEFAULT_BARRIER_EVERY,
             barrier_interval_ms: DEFAULT_BARRIER_INTERVAL_MS,
+            max_snapshot_bytes: DEFAULT_MAX_SNAPSHOT_BYTES,
         }
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use lockstep_proto::consistency::{
-    BARRIER_TYPE, CreateMark, Mark, MarkAt, MarkAtName, MarkList, ReplicaStanding,
+    BARRIER_TYPE, CreateMark, Mark, MarkAt, MarkAtName, MarkList, PauseState, ReplicaStanding,
     ServiceVerification, StateReport, Verdict, Verification,
 };
 use lockstep_proto::record::ChainHash;
@@ -25,13 +25,16 @@ use crate::Broker;
 use crate::error::StoreError;
 
 /// Reports as verification reads them: service → barrier position → replica → state hash.
-type ReportMap = BTreeMap<String, BTreeMap<u64, BTreeMap<String, [u8; 32]>>>;
+pub(crate) type ReportMap = BTreeMap<String, BTreeMap<u64, BTreeMap<String, [u8; 32]>>>;
 
 /// (service, barrier position, replica) → state hash ‖ chain hash ‖ reported at (ns, BE).
 const REPORTS: TableDefinition<(&str, u64, &str), &[u8]> = TableDefinition::new("reports");
 
 /// name → (position, created at ns).
 const MARKS: TableDefinition<&str, (u64, i64)> = TableDefinition::new("marks");
+
+/// Broker settings changed at run time: `"pause"` → the [`PauseState`] as JSON.
+const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 
 /// Stored state-hash reports and marks.
 pub struct Reports {
@@ -47,8 +50,35 @@ impl Reports {
         let txn = db.begin_write()?;
         txn.open_table(REPORTS)?;
         txn.open_table(MARKS)?;
+        txn.open_table(SETTINGS)?;
         txn.commit()?;
         Ok(Self { db })
+    }
+
+    /// The stored pause state (not paused when none is stored).
+    pub(crate) fn load_pause(&self) -> Result<PauseState, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SETTINGS)?;
+        let Some(value) = table.get("pause")? else {
+            return Ok(PauseState {
+                paused: false,
+                since: None,
+                reason: None,
+            });
+        };
+        serde_json::from_slice(value.value())
+            .map_err(|e| StoreError::new(format!("stored pause state: {e}")))
+    }
+
+    /// Stores the pause state durably.
+    pub(crate) fn store_pause(&self, state: &PauseState) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(state)
+            .map_err(|e| StoreError::new(format!("encoding the pause state: {e}")))?;
+        let txn = self.db.begin_write()?;
+        txn.open_table(SETTINGS)?
+            .insert("pause", bytes.as_slice())?;
+        txn.commit()?;
+        Ok(())
     }
 
     /// Stores a checked report (a replica reporting the same barrier again overwrites it).
@@ -139,6 +169,14 @@ impl Reports {
         };
         txn.commit().map_err(StoreError::from)?;
         Ok(mark)
+    }
+
+    /// Removes a mark; false when there was none.
+    fn remove_mark(&self, name: &str) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let removed = txn.open_table(MARKS)?.remove(name)?.is_some();
+        txn.commit()?;
+        Ok(removed)
     }
 
     fn marks(&self) -> Result<Vec<Mark>, StoreError> {
@@ -279,6 +317,20 @@ impl Broker {
 
     /// Verification of every service (or one).
     pub async fn verify(&self, service: Option<String>) -> Result<Verification, StoreError> {
+        let all = self.verify_reports(service).await?;
+        Ok(Verification {
+            services: verify(&all),
+            at: Utc::now(),
+        })
+    }
+
+    /// The reports verification looks at: every service's (or one's), at barriers still on the
+    /// live log. Barriers a rollback superseded are left out: their states are not what any
+    /// replica holds now.
+    pub(crate) async fn verify_reports(
+        &self,
+        service: Option<String>,
+    ) -> Result<ReportMap, StoreError> {
         let reports = std::sync::Arc::clone(&self.inner.reports);
         let mut all = tokio::task::spawn_blocking(move || reports.all())
             .await
@@ -286,10 +338,11 @@ impl Broker {
         if let Some(service) = service {
             all.retain(|s, _| *s == service);
         }
-        Ok(Verification {
-            services: verify(&all),
-            at: Utc::now(),
-        })
+        let superseded = self.inner.log.superseded();
+        for barriers in all.values_mut() {
+            barriers.retain(|position, _| !superseded.contains(*position));
+        }
+        Ok(all)
     }
 
     /// Creates a named, immutable mark at a position, the head, or the latest verified barrier.
@@ -340,6 +393,20 @@ impl Broker {
             .await
             .map_err(|e| StoreError::new(format!("marks task failed: {e}")))??;
         Ok(MarkList { marks })
+    }
+
+    /// Removes a mark (the positions it named stay as they are).
+    pub async fn remove_mark(&self, name: &str) -> Result<(), ReportError> {
+        let reports = std::sync::Arc::clone(&self.inner.reports);
+        let owned = name.to_owned();
+        let removed = tokio::task::spawn_blocking(move || reports.remove_mark(&owned))
+            .await
+            .map_err(|e| StoreError::new(format!("mark task failed: {e}")))??;
+        if removed {
+            Ok(())
+        } else {
+            Err(ReportError::NotFound(name.to_owned()))
+        }
     }
 
     /// One mark.

@@ -142,6 +142,7 @@ impl Broker {
             wait,
             layout,
             since_ns: None,
+            include_superseded: false,
         };
         read_page(&self.inner.log, query, self.inner.stopping.subscribe()).await
     }

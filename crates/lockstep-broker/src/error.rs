@@ -58,6 +58,15 @@ pub enum AppendError {
         /// The current value.
         current: u64,
     },
+    /// The log refused an event as it stands (a rollback to a position it cannot return to);
+    /// nothing of the request was written.
+    #[error("event {index}: {message}; nothing was written")]
+    Refused {
+        /// Index of the refused event in the request.
+        index: usize,
+        /// Why.
+        message: String,
+    },
     /// The commit failed; nothing of the request was written.
     #[error("storage failure: {0}")]
     Storage(StoreError),
@@ -93,6 +102,9 @@ pub enum PublishError {
     /// The log refused or failed the append.
     #[error(transparent)]
     Append(#[from] AppendError),
+    /// An operator paused publishing (around a rollback); retry later.
+    #[error("publishing is paused{}; retry later", .0.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
+    Paused(Option<String>),
 }
 
 impl PublishError {

@@ -15,7 +15,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::DateTime;
 use lockstep_proto::TypeFilter;
-use lockstep_proto::consistency::{CreateMark, StateReport};
+use lockstep_proto::consistency::{
+    CreateMark, PauseRequest, RedriveRequest, RollbackRequest, StateReport,
+};
 use lockstep_proto::subscription::{Ack, ReplicaStatus, SubscriptionSpec};
 use lockstep_proto::wire::{ErrorBody, ErrorDetail, write_publish_response};
 use serde::Deserialize;
@@ -28,6 +30,8 @@ use crate::publish::parse_native;
 use crate::read::Layout;
 use crate::read::{DEFAULT_LIMIT, MAX_LIMIT, MAX_WAIT_MS, ReadQuery};
 use crate::registry::RegistryError;
+use crate::rollback::RollbackError;
+use crate::snapshots::SnapshotError;
 
 /// The broker's router, with its body limit.
 pub fn router(broker: Broker) -> Router {
@@ -39,8 +43,21 @@ pub fn router(broker: Broker) -> Router {
         .route("/v1/barriers", post(barrier))
         .route("/v1/reports", post(report))
         .route("/v1/verify", get(verify))
+        .route("/v1/consistency", get(verify))
         .route("/v1/marks", get(list_marks).post(create_mark))
-        .route("/v1/marks/{name}", get(get_mark))
+        .route("/v1/marks/{name}", get(get_mark).delete(delete_mark))
+        .route("/v1/rollbacks", get(list_rollbacks).post(rollback))
+        .route("/v1/pause", get(pause_state).post(pause))
+        .route("/v1/resume", post(resume))
+        .route("/v1/redrive", post(redrive))
+        .route("/v1/snapshots/verified", get(verified_snapshot))
+        .route(
+            "/v1/snapshots/{hash}",
+            get(get_snapshot)
+                .head(head_snapshot)
+                .put(put_snapshot)
+                .layer(DefaultBodyLimit::max(broker.config().max_snapshot_bytes)),
+        )
         .route(
             "/v1/subscriptions",
             get(list_subscriptions).post(create_subscription),
@@ -157,6 +174,15 @@ impl From<PublishError> for ApiError {
                 e.detail.index = Some(index);
                 e
             }
+            PublishError::Append(AppendError::Refused { index, ref message }) => {
+                let mut e = ApiError::new(StatusCode::CONFLICT, "refused", message.clone());
+                e.detail.index = Some(index);
+                e
+            }
+            PublishError::Paused(_) => Self {
+                retry_after: Some(crate::rollback::PAUSED_RETRY_AFTER_SECS),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "paused", err.to_string())
+            },
             PublishError::Append(AppendError::Closed) => ApiError::unavailable(),
             PublishError::Append(AppendError::Storage(e)) => {
                 ApiError::internal("publish failed", e)
@@ -260,6 +286,7 @@ struct ReadParams {
     since: Option<String>,
     until: Option<String>,
     wait_ms: Option<u64>,
+    include_superseded: Option<bool>,
 }
 
 impl ReadParams {
@@ -298,6 +325,7 @@ impl ReadParams {
                 .map(|t| time_param("until", t))
                 .transpose()?,
             wait: Duration::from_millis(wait_ms),
+            include_superseded: self.include_superseded.unwrap_or(false),
             ..ReadQuery::default()
         })
     }
@@ -367,6 +395,16 @@ async fn readyz(State(broker): State<Broker>) -> Response {
 async fn metrics(State(broker): State<Broker>) -> Result<Response, ApiError> {
     let mut text = broker.metrics_text();
     crate::metrics::render_subscriptions(&broker.subscriptions().await?, &mut text);
+    let verification = broker
+        .verify(None)
+        .await
+        .map_err(|e| ApiError::internal("verification failed", e))?;
+    crate::metrics::render_consistency(
+        &verification,
+        broker.pause_state().paused,
+        broker.log().superseded().count(),
+        &mut text,
+    );
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -617,6 +655,168 @@ async fn verify(
         .await
         .map_err(|e| ApiError::internal("verification failed", e))?;
     Ok(Json(verification).into_response())
+}
+
+async fn delete_mark(
+    State(broker): State<Broker>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(name) = name.map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))?;
+    broker.remove_mark(&name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+impl From<RollbackError> for ApiError {
+    fn from(err: RollbackError) -> Self {
+        match err {
+            RollbackError::Report(e) => e.into(),
+            RollbackError::Publish(e) => e.into(),
+            RollbackError::Invalid(message) => ApiError::bad_request("invalid_request", message),
+        }
+    }
+}
+
+impl From<SnapshotError> for ApiError {
+    fn from(err: SnapshotError) -> Self {
+        match err {
+            SnapshotError::Invalid(message) => ApiError::bad_request("invalid_snapshot", message),
+            SnapshotError::NotFound(message) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+            }
+            SnapshotError::Damaged(_) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "snapshot_damaged",
+                err.to_string(),
+            ),
+            SnapshotError::Store(e) => ApiError::internal("snapshot store failed", e),
+        }
+    }
+}
+
+async fn rollback(
+    State(broker): State<Broker>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request: RollbackRequest = json_body(body)?;
+    Ok(Json(broker.rollback(request).await?).into_response())
+}
+
+async fn list_rollbacks(State(broker): State<Broker>) -> Result<Response, ApiError> {
+    let list = broker
+        .rollbacks()
+        .await
+        .map_err(|e| ApiError::internal("listing rollbacks failed", e))?;
+    Ok(Json(list).into_response())
+}
+
+async fn pause_state(State(broker): State<Broker>) -> Response {
+    Json(broker.pause_state()).into_response()
+}
+
+async fn pause(
+    State(broker): State<Broker>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(body_error)?;
+    let request: PauseRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        PauseRequest::default()
+    } else {
+        json_body(Ok(body))?
+    };
+    let state = broker
+        .set_paused(Some(request.reason))
+        .await
+        .map_err(|e| ApiError::internal("pausing failed", e))?;
+    Ok(Json(state).into_response())
+}
+
+async fn resume(State(broker): State<Broker>) -> Result<Response, ApiError> {
+    let state = broker
+        .set_paused(None)
+        .await
+        .map_err(|e| ApiError::internal("resuming failed", e))?;
+    Ok(Json(state).into_response())
+}
+
+async fn redrive(
+    State(broker): State<Broker>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request: RedriveRequest = json_body(body)?;
+    Ok(Json(broker.redrive(request).await?).into_response())
+}
+
+type HashPath = Result<Path<String>, PathRejection>;
+
+fn hash_path(path: HashPath) -> Result<String, ApiError> {
+    path.map(|Path(hash)| hash)
+        .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
+}
+
+async fn put_snapshot(
+    State(broker): State<Broker>,
+    path: HashPath,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let hash = hash_path(path)?;
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "the snapshot is larger than the broker's limit (max_snapshot_bytes)",
+            )
+        } else {
+            body_error(rejection)
+        }
+    })?;
+    let created = broker.put_snapshot(&hash, body.to_vec()).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(serde_json::json!({ "state_hash": hash }))).into_response())
+}
+
+async fn get_snapshot(State(broker): State<Broker>, path: HashPath) -> Result<Response, ApiError> {
+    let hash = hash_path(path)?;
+    let bytes = broker.snapshot(&hash).await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        )],
+        bytes,
+    )
+        .into_response())
+}
+
+async fn head_snapshot(State(broker): State<Broker>, path: HashPath) -> Result<Response, ApiError> {
+    let hash = hash_path(path)?;
+    match broker.snapshot_size(&hash)? {
+        Some(size) => Ok(([(header::CONTENT_LENGTH, HeaderValue::from(size))], ()).into_response()),
+        None => Ok(StatusCode::NOT_FOUND.into_response()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifiedSnapshotParams {
+    service: String,
+    at_or_before: Option<u64>,
+}
+
+async fn verified_snapshot(
+    State(broker): State<Broker>,
+    params: Result<Query<VerifiedSnapshotParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) =
+        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let found = broker
+        .verified_snapshot(&params.service, params.at_or_before)
+        .await?;
+    Ok(Json(found).into_response())
 }
 
 async fn not_found() -> ApiError {

@@ -8,7 +8,9 @@
 //! - [`registry`]: durable subscriptions and their acknowledged positions (the registrar).
 //! - [`delivery`]: pull delivery to subscriptions (pages, streams, acks) and their health.
 //! - [`push`]: push delivery: POSTing batches to subscribers' URLs, in order, with retries.
-//! - [`consistency`]: barriers, replicas' state-hash reports, verification.
+//! - [`consistency`]: barriers, replicas' state-hash reports, verification, marks.
+//! - [`rollback`]: rollback records, superseded events, pause/resume, redrive.
+//! - [`snapshots`]: snapshot blobs uploaded by replicas, content-addressed by blake3.
 //! - [`log`]: the redb store and its group-committing writer thread.
 //! - [`config`], [`error`], [`metrics`]: settings, error types, counters.
 //!
@@ -35,6 +37,8 @@ pub mod publish;
 pub mod push;
 pub mod read;
 pub mod registry;
+pub mod rollback;
+pub mod snapshots;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -58,6 +62,9 @@ struct Inner {
     log: Log,
     registry: Arc<registry::Registry>,
     reports: Arc<consistency::Reports>,
+    snapshots: Arc<snapshots::SnapshotBlobs>,
+    /// Whether client publishes are refused for now (an operator's pause around a rollback).
+    paused: std::sync::RwLock<lockstep_proto::consistency::PauseState>,
     config: Config,
     /// Turns true when shutdown starts, so long-polls return at once.
     stopping: watch::Sender<bool>,
@@ -69,6 +76,11 @@ impl Broker {
         let log = Log::open(&config.data_dir, config.cache_bytes)?;
         let registry = Arc::new(registry::Registry::open(&config.data_dir)?);
         let reports = Arc::new(consistency::Reports::open(&config.data_dir)?);
+        let snapshots = Arc::new(snapshots::SnapshotBlobs::open(&config.data_dir)?);
+        let paused = reports.load_pause()?;
+        if paused.paused {
+            tracing::warn!(reason = ?paused.reason, "publishing is paused (lockstep resume ends it)");
+        }
         tracing::info!(
             data_dir = %config.data_dir.display(),
             head = log.tip().position,
@@ -80,6 +92,8 @@ impl Broker {
                 log,
                 registry,
                 reports,
+                snapshots,
+                paused: std::sync::RwLock::new(paused),
                 config,
                 stopping: watch::Sender::new(false),
             }),
@@ -91,8 +105,18 @@ impl Broker {
         &self.inner.config
     }
 
-    /// Appends checked drafts atomically; answers once they are durable.
+    /// Appends checked drafts atomically; answers once they are durable. Refused while an
+    /// operator has paused publishing.
     pub async fn publish(&self, drafts: Vec<Draft>) -> Result<Vec<PublishAck>, PublishError> {
+        let pause = self.pause_state();
+        if pause.paused {
+            return Err(PublishError::Paused(pause.reason));
+        }
+        self.append(drafts).await
+    }
+
+    /// Appends whatever the pause says (the broker's own records).
+    async fn append(&self, drafts: Vec<Draft>) -> Result<Vec<PublishAck>, PublishError> {
         if *self.inner.stopping.borrow() {
             return Err(AppendError::Closed.into());
         }
@@ -107,6 +131,18 @@ impl Broker {
         event_type: &str,
         data: &serde_json::Value,
     ) -> Result<PublishAck, PublishError> {
+        let draft = self.control_draft(event_type, data)?;
+        let mut acks = self.append(vec![draft]).await?;
+        acks.pop()
+            .ok_or_else(|| PublishError::invalid("no ack for the control record"))
+    }
+
+    /// A control record, ready to append.
+    fn control_draft(
+        &self,
+        event_type: &str,
+        data: &serde_json::Value,
+    ) -> Result<Draft, PublishError> {
         if !lockstep_proto::names::is_reserved(event_type) {
             return Err(PublishError::invalid(format!(
                 "{event_type:?} is not a control record type (lockstep.…)"
@@ -128,10 +164,7 @@ impl Broker {
             content_type: lockstep_proto::record::JSON_CONTENT_TYPE,
             data: &data,
         };
-        let draft = Draft::new(&record, true, None, None);
-        let mut acks = self.publish(vec![draft]).await?;
-        acks.pop()
-            .ok_or_else(|| PublishError::invalid("no ack for the control record"))
+        Ok(Draft::new(&record, true, None, None))
     }
 
     /// One page of events as its JSON body.

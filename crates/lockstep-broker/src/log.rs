@@ -4,7 +4,8 @@
 //! - `event_chunks`: position of a chunk's first event → the chunk: a run of consecutive stored
 //!   records (canonical bytes ‖ chain hash), see [`chunk`]; positions are gapless from 1;
 //! - `event_ids`: event id → position, for idempotent publish;
-//! - `key_heads`: entity key → position of the last event with that key, for `expected_position`.
+//! - `key_heads`: entity key → position of the last event with that key, for `expected_position`;
+//! - `rollbacks`: position of a `lockstep.rollback` record → its target, see [`superseded`].
 //!
 //! Invariants, kept by the writer alone: positions are gapless; `time` never decreases along
 //! positions; the chain of [`lockstep_proto::record`] holds at every position; the tables change in the same
@@ -31,12 +32,18 @@ use crate::error::{AppendError, ConflictKind, StoreError};
 use crate::metrics::LogMetrics;
 
 mod chunk;
+pub mod superseded;
 
 use chunk::ChunkBuilder;
+use superseded::{RollbackEntry, Superseded};
 
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("event_chunks");
 const EVENT_IDS: TableDefinition<&str, u64> = TableDefinition::new("event_ids");
 const KEY_HEADS: TableDefinition<&str, u64> = TableDefinition::new("key_heads");
+const ROLLBACKS: TableDefinition<u64, u64> = TableDefinition::new("rollbacks");
+
+/// The superseded positions as of the last commit, swapped whole by the writer.
+type SharedSuperseded = Arc<std::sync::RwLock<Arc<Superseded>>>;
 
 /// Requests waiting for the writer; publishers wait (back-pressure) when it is full.
 const QUEUE_CAPACITY: usize = 4096;
@@ -58,6 +65,8 @@ pub struct Draft {
     canonical: Vec<u8>,
     /// blake3 of the canonical bytes after the header, computed on the request's task.
     content_digest: [u8; 32],
+    /// For a rollback record: its target, checked and stored by the writer.
+    rollback_target: Option<u64>,
 }
 
 impl Draft {
@@ -88,7 +97,15 @@ impl Draft {
             expected_position,
             canonical,
             content_digest,
+            rollback_target: None,
         }
+    }
+
+    /// Makes this draft a rollback record naming `target`: the writer checks the target against
+    /// the log as it is when the record is appended, and supersedes the positions in between.
+    pub fn rollback_to(mut self, target: u64) -> Self {
+        self.rollback_target = Some(target);
+        self
     }
 
     /// The event as encoded (position and time still zero).
@@ -151,6 +168,7 @@ pub struct Log {
     tip: watch::Receiver<Tip>,
     writer: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
     metrics: Arc<LogMetrics>,
+    superseded: SharedSuperseded,
 }
 
 impl Log {
@@ -168,9 +186,11 @@ impl Log {
         txn.open_table(EVENTS)?;
         txn.open_table(EVENT_IDS)?;
         txn.open_table(KEY_HEADS)?;
+        txn.open_table(ROLLBACKS)?;
         txn.commit()?;
         let db = Arc::new(db);
         let tip = read_tip(&db)?;
+        let superseded = Arc::new(std::sync::RwLock::new(Arc::new(read_rollbacks(&db)?)));
         let (tip_tx, tip_rx) = watch::channel(tip);
         let (commands, queue) = mpsc::channel(QUEUE_CAPACITY);
         let metrics = Arc::new(LogMetrics::default());
@@ -182,6 +202,8 @@ impl Log {
             chunk: ChunkBuilder::new(),
             group: Vec::new(),
             group_start: tip.position,
+            superseded: Arc::clone(&superseded),
+            pending: None,
         };
         let writer = std::thread::Builder::new()
             .name("lockstep-writer".into())
@@ -193,7 +215,16 @@ impl Log {
             tip: tip_rx,
             writer: Arc::new(std::sync::Mutex::new(Some(writer))),
             metrics,
+            superseded,
         })
+    }
+
+    /// The positions superseded by rollbacks, as of the last commit.
+    pub fn superseded(&self) -> Arc<Superseded> {
+        match self.superseded.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
     }
 
     /// Appends `drafts` atomically and durably; answers once the commit is on disk.
@@ -327,6 +358,20 @@ impl Log {
     }
 }
 
+fn read_rollbacks(db: &Database) -> Result<Superseded, StoreError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(ROLLBACKS)?;
+    let mut rollbacks = Vec::new();
+    for entry in table.iter()? {
+        let (at, target) = entry?;
+        rollbacks.push(RollbackEntry {
+            at: at.value(),
+            target: target.value(),
+        });
+    }
+    Ok(Superseded::from_rollbacks(rollbacks))
+}
+
 fn read_tip(db: &Database) -> Result<Tip, StoreError> {
     let txn = db.begin_read()?;
     let chunks = txn.open_table(EVENTS)?;
@@ -351,6 +396,10 @@ struct Writer {
     /// may point at one of them before its chunk is in the table.
     group: Vec<Appended>,
     group_start: u64,
+    /// Superseded positions as readers see them; replaced after a commit that adds a rollback.
+    superseded: SharedSuperseded,
+    /// The group's own rollbacks added to the committed ones, until the commit lands.
+    pending: Option<Superseded>,
 }
 
 /// What one event of a request turns into, decided before anything of the request is written.
@@ -402,6 +451,13 @@ impl Writer {
         let before = self.tip;
         match self.write_group(group) {
             Ok(results) => {
+                // Readers must see a rollback's superseded range before its record.
+                if let Some(superseded) = self.pending.take() {
+                    match self.superseded.write() {
+                        Ok(mut guard) => *guard = Arc::new(superseded),
+                        Err(poisoned) => *poisoned.into_inner() = Arc::new(superseded),
+                    }
+                }
                 self.published.send_replace(self.tip);
                 self.metrics
                     .record_commit(started.elapsed(), self.tip.position - before.position);
@@ -412,6 +468,7 @@ impl Writer {
             Err(err) => {
                 tracing::error!(error = %err, "log commit failed; the group's publishes are refused");
                 self.tip = before;
+                self.pending = None;
                 for (drafts, reply) in group.drain(..) {
                     let _ = reply.send((drafts, Err(AppendError::Storage(err.clone()))));
                 }
@@ -435,6 +492,7 @@ impl Writer {
                 events: txn.open_table(EVENTS)?,
                 ids: txn.open_table(EVENT_IDS)?,
                 keys: txn.open_table(KEY_HEADS)?,
+                rollbacks: txn.open_table(ROLLBACKS)?,
             };
             let now = Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
             for (drafts, _) in group.iter_mut() {
@@ -487,6 +545,18 @@ impl Writer {
                     tables.ids.insert(draft.id.as_str(), position)?;
                     if let Some(key) = &draft.key {
                         tables.keys.insert(key.as_str(), position)?;
+                    }
+                    if let Some(target) = draft.rollback_target {
+                        tables.rollbacks.insert(position, target)?;
+                        let mut pending = match self.pending.take() {
+                            Some(pending) => pending,
+                            None => self.committed_superseded(),
+                        };
+                        pending.add(RollbackEntry {
+                            at: position,
+                            target,
+                        });
+                        self.pending = Some(pending);
                     }
                     self.tip = Tip {
                         position,
@@ -556,6 +626,15 @@ impl Writer {
                     }));
                 }
             }
+            if let Some(target) = draft.rollback_target {
+                let checked = match &self.pending {
+                    Some(pending) => pending.check_target(target, head + 1),
+                    None => self.committed_superseded().check_target(target, head + 1),
+                };
+                if let Err(message) = checked {
+                    return Ok(Err(AppendError::Refused { index, message }));
+                }
+            }
             head += 1;
             if !draft.id_generated {
                 new_ids.insert(&draft.id, index);
@@ -570,6 +649,14 @@ impl Writer {
 }
 
 impl Writer {
+    /// The superseded positions as of the last commit.
+    fn committed_superseded(&self) -> Superseded {
+        match self.superseded.read() {
+            Ok(guard) => Superseded::clone(&guard),
+            Err(poisoned) => Superseded::clone(&poisoned.into_inner()),
+        }
+    }
+
     /// The original of an event stored earlier, as a duplicate's answer.
     fn stored(
         &self,
@@ -598,6 +685,7 @@ struct Tables<'txn> {
     events: redb::Table<'txn, u64, &'static [u8]>,
     ids: redb::Table<'txn, &'static str, u64>,
     keys: redb::Table<'txn, &'static str, u64>,
+    rollbacks: redb::Table<'txn, u64, u64>,
 }
 
 #[cfg(test)]

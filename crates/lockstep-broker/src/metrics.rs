@@ -128,3 +128,34 @@ pub(crate) fn render_subscriptions(list: &SubscriptionList, out: &mut String) {
         }
     }
 }
+
+/// Appends the consistency gauges: replicas that disagree with their service's majority at its
+/// latest compared barrier, the paused flag, and superseded events.
+pub(crate) fn render_consistency(
+    verification: &lockstep_proto::consistency::Verification,
+    paused: bool,
+    superseded: u64,
+    out: &mut String,
+) {
+    let _ = writeln!(
+        out,
+        "# HELP lockstep_replicas_diverged Replicas whose state hash differs from their \
+         service's majority at the latest barrier.\n# TYPE lockstep_replicas_diverged gauge"
+    );
+    for service in &verification.services {
+        let diverged = service.replicas.iter().filter(|r| !r.agrees).count();
+        let _ = writeln!(
+            out,
+            "lockstep_replicas_diverged{{service=\"{}\"}} {diverged}",
+            service.service
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP lockstep_publishing_paused 1 while an operator has paused publishing.\n\
+         # TYPE lockstep_publishing_paused gauge\nlockstep_publishing_paused {}\n\
+         # HELP lockstep_superseded_events Events superseded by rollbacks (kept, not live).\n\
+         # TYPE lockstep_superseded_events gauge\nlockstep_superseded_events {superseded}",
+        u8::from(paused)
+    );
+}

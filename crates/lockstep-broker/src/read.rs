@@ -45,6 +45,9 @@ pub struct ReadQuery {
     pub with_control: bool,
     /// Stop after this position.
     pub until_position: Option<u64>,
+    /// Return events superseded by a rollback too (marked `"superseded": true`); by default they
+    /// are skipped, as they are no longer part of the live log.
+    pub include_superseded: bool,
     /// How the events are laid out in the body.
     pub layout: Layout,
 }
@@ -190,44 +193,71 @@ fn scan_page(log: &Log, query: &ReadQuery, head: u64) -> Result<Scan, ReadError>
     let mut next_after = query.after;
     let mut passed_until = false;
     let filter_all = query.filter.is_all();
-    log.scan(query.after, |record, hash| {
-        if record.position > head {
-            // Committed after this page's head was taken: leave it for the next page.
-            return ControlFlow::Break(());
-        }
-        if query.until_ns.is_some_and(|until| record.time_ns > until)
-            || query
-                .until_position
-                .is_some_and(|until| record.position > until)
-        {
-            passed_until = true;
-            return ControlFlow::Break(());
-        }
-        scanned += 1;
-        // `since` became a position when the read began; an event committed later (during a
-        // long-poll on a future `since`) can still be older than `since`, so check its time too.
-        let after_since = query.since_ns.is_none_or(|since| record.time_ns >= since);
-        let selected = filter_all
-            || query.filter.matches(record.event_type)
-            || (query.with_control && is_reserved(record.event_type));
-        if after_since && selected {
-            match query.layout {
-                Layout::Page if count > 0 => events.push(b','),
-                _ => {}
+    let superseded = log.superseded();
+    let mut full = false;
+    // Scans from `next_after`; a superseded range that is not wanted ends the scan, which starts
+    // again after the range instead of reading through it.
+    let mut skip_to = None;
+    loop {
+        if let Some(last) = skip_to.take() {
+            next_after = last;
+            if next_after >= head {
+                break;
             }
-            writer.write(&mut events, record, hash);
-            if query.layout == Layout::Lines {
-                events.push(b'\n');
+        }
+        log.scan(next_after, |record, hash| {
+            if record.position > head {
+                // Committed after this page's head was taken: leave it for the next page.
+                return ControlFlow::Break(());
             }
-            count += 1;
+            if query.until_ns.is_some_and(|until| record.time_ns > until)
+                || query
+                    .until_position
+                    .is_some_and(|until| record.position > until)
+            {
+                passed_until = true;
+                return ControlFlow::Break(());
+            }
+            scanned += 1;
+            let range = superseded.range_of(record.position);
+            if let (Some((_, last)), false) = (range, query.include_superseded) {
+                skip_to = Some(last.min(head).min(query.until_position.unwrap_or(u64::MAX)));
+                return ControlFlow::Break(());
+            }
+            // `since` became a position when the read began; an event committed later (during a
+            // long-poll on a future `since`) can still be older than `since`, so check its time too.
+            let after_since = query.since_ns.is_none_or(|since| record.time_ns >= since);
+            let selected = filter_all
+                || query.filter.matches(record.event_type)
+                || (query.with_control && is_reserved(record.event_type));
+            if after_since && selected {
+                match query.layout {
+                    Layout::Page if count > 0 => events.push(b','),
+                    _ => {}
+                }
+                writer.write(&mut events, record, hash);
+                if range.is_some() {
+                    // The object's closing brace is its last byte.
+                    events.pop();
+                    events.extend_from_slice(b",\"superseded\":true}");
+                }
+                if query.layout == Layout::Lines {
+                    events.push(b'\n');
+                }
+                count += 1;
+            }
+            next_after = record.position;
+            if count >= query.limit || events.len() >= MAX_PAGE_BYTES || scanned >= SCAN_BUDGET {
+                full = true;
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })?;
+        if skip_to.is_none() || full || passed_until {
+            break;
         }
-        next_after = record.position;
-        if count >= query.limit || events.len() >= MAX_PAGE_BYTES || scanned >= SCAN_BUDGET {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    })?;
+    }
     // Broker times never decrease, so once `until` is behind the clock no future event matches.
     let until_behind_clock = query.until_ns.is_some_and(|until| {
         next_after == head

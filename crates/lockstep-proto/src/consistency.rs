@@ -129,3 +129,145 @@ pub struct MarkList {
     /// Every mark, by position.
     pub marks: Vec<Mark>,
 }
+
+/// Type of the rollback control record.
+pub const ROLLBACK_TYPE: &str = "lockstep.rollback";
+
+/// Where a rollback returns to: a mark's name or a position.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RollbackTo {
+    /// The position a mark names.
+    Mark(String),
+    /// A position.
+    Position(u64),
+}
+
+/// `POST /v1/rollbacks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// The target: `{"mark": "release-42"}` or `{"position": 1200}`.
+    pub to: RollbackTo,
+    /// Why, for the audit trail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The data of a `lockstep.rollback` record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackData {
+    /// The position every replica returns to.
+    pub target: u64,
+    /// The mark the target was named by, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mark: Option<String>,
+    /// Why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A rollback in the log: the record at `position` supersedes every event after `target` and
+/// before `position` that was not superseded already.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollback {
+    /// Position of the `lockstep.rollback` record.
+    pub position: u64,
+    /// The position replicas returned to.
+    pub target: u64,
+    /// The mark the target was named by, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mark: Option<String>,
+    /// Why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When the record was appended.
+    pub time: DateTime<Utc>,
+}
+
+/// `GET /v1/rollbacks`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RollbackList {
+    /// Every rollback, oldest first.
+    pub rollbacks: Vec<Rollback>,
+    /// Events superseded by them all.
+    pub superseded_events: u64,
+}
+
+/// Whether publishing is paused (`GET /v1/pause`, `POST /v1/pause`, `POST /v1/resume`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PauseState {
+    /// Publishes are answered 503 + Retry-After while true.
+    pub paused: bool,
+    /// Since when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
+    /// Why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `POST /v1/pause`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PauseRequest {
+    /// Why, shown to publishers in the 503 answer.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// `POST /v1/redrive`: publish superseded events again, as new events at the head.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedriveRequest {
+    /// First position to consider.
+    pub from: u64,
+    /// Last position to consider.
+    pub to: u64,
+    /// Ids of superseded events to leave out (the bad ones).
+    #[serde(default)]
+    pub except: Vec<String>,
+}
+
+/// One event published again by a redrive.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Redriven {
+    /// Where the superseded original is.
+    pub original: u64,
+    /// Where the new event is.
+    pub position: u64,
+    /// The new event's id: `redrive-{original}-{original id}`, so a repeated redrive of the same
+    /// event is a duplicate, not a second copy.
+    pub id: String,
+    /// True when an earlier redrive already published it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+}
+
+/// The answer to `POST /v1/redrive`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RedriveResult {
+    /// The events published again, in order.
+    pub redriven: Vec<Redriven>,
+    /// Superseded events left out because their id was in `except`.
+    pub excepted: usize,
+}
+
+/// `GET /v1/snapshots/verified?service=S[&at_or_before=P]`: the newest barrier at which every
+/// reporting replica of the service agreed and whose snapshot the broker holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifiedSnapshot {
+    /// The service.
+    pub service: String,
+    /// The barrier's position.
+    pub position: u64,
+    /// The agreed state hash (blake3 of the snapshot's bytes), hex: also the blob's address,
+    /// `GET /v1/snapshots/{state_hash}`.
+    pub state_hash: String,
+    /// Chain hash at `position`, hex.
+    pub chain_hash: String,
+    /// How many replicas agreed.
+    pub replicas: usize,
+    /// Size of the blob in bytes.
+    pub bytes: u64,
+}

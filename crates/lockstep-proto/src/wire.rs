@@ -133,6 +133,10 @@ pub struct Event {
     pub data_base64: Option<String>,
     /// Chain hash at `position`, hex.
     pub hash: String,
+    /// The event lies between a rollback's target and the rollback record: it is kept for the
+    /// audit trail but no longer part of the live log (read with `include_superseded=true`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub superseded: bool,
 }
 
 impl Event {
