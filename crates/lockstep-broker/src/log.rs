@@ -869,6 +869,8 @@ mod tests {
             chunk: ChunkBuilder::new(),
             group: Vec::new(),
             group_start: 0,
+            superseded: Arc::default(),
+            pending: None,
         };
         let (a, _) = oneshot::channel();
         let (b, _) = oneshot::channel();
