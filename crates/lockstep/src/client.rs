@@ -84,6 +84,8 @@ pub struct ReadRequest {
     pub until: Option<DateTime<Utc>>,
     /// Long-poll up to this long for a new event.
     pub wait: Option<Duration>,
+    /// Return events superseded by rollbacks too (each marked `superseded`).
+    pub include_superseded: bool,
 }
 
 impl ReadRequest {
@@ -125,6 +127,12 @@ impl ReadRequest {
         self
     }
 
+    /// Superseded events too (the audit view).
+    pub fn include_superseded(mut self) -> Self {
+        self.include_superseded = true;
+        self
+    }
+
     fn query(&self) -> Vec<(&'static str, String)> {
         let time = |t: &DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::AutoSi, true);
         let mut q = vec![("after", self.after.to_string())];
@@ -142,6 +150,9 @@ impl ReadRequest {
         }
         if let Some(wait) = self.wait {
             q.push(("wait_ms", wait.as_millis().to_string()));
+        }
+        if self.include_superseded {
+            q.push(("include_superseded", "true".to_owned()));
         }
         q
     }
@@ -247,7 +258,7 @@ impl Client {
         self.get("/v1/head").await
     }
 
-    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+    pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let response = self
             .http
             .get(format!("{}{path}", self.base))

@@ -26,6 +26,7 @@
 
 mod client;
 pub mod conformance;
+mod operations;
 mod outbox;
 mod publisher;
 mod replica;
@@ -35,8 +36,9 @@ mod subscription;
 
 pub use client::{Client, ClientError, Pages, ReadRequest};
 pub use lockstep_proto::consistency::{
-    Mark, MarkAt, MarkAtName, MarkList, ReplicaStanding, ServiceVerification, StateReport, Verdict,
-    Verification,
+    BARRIER_TYPE, Mark, MarkAt, MarkAtName, MarkList, PauseState, ROLLBACK_TYPE, RedriveResult,
+    Redriven, ReplicaStanding, Rollback, RollbackData, RollbackList, RollbackTo,
+    ServiceVerification, StateReport, Verdict, Verification, VerifiedSnapshot,
 };
 pub use lockstep_proto::subscription::{
     End, PushFormat, Start, StartName, SubscriptionInfo, SubscriptionList, SubscriptionSpec,
@@ -50,7 +52,7 @@ pub use publisher::{
 };
 pub use replica::{ApplyError, EventMeta, Replica, decode_state, encode_state, state_hash};
 pub use runtime::{
-    ExternalReplica, ExternalRuntime, Runtime, RuntimeBuilder, RuntimeError, StateHandle,
+    Bootstrap, ExternalReplica, ExternalRuntime, Runtime, RuntimeBuilder, RuntimeError, StateHandle,
 };
 pub use subscription::{
     MAX_STREAM_LINE_BYTES, PullRequest, STREAM_IDLE_TIMEOUT, StreamItem, SubscriptionStream,

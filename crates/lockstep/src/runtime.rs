@@ -5,26 +5,36 @@
 //! snapshot it starts from the subscription's `start` (registering it again if the broker
 //! remembered a position this replica's state no longer has). Snapshots are taken every
 //! `snapshot_every` events or `snapshot_interval`, and once more at shutdown; the last
-//! `keep_snapshots` are kept. The applied position is acknowledged to the broker (for lag) every
-//! second, but the local snapshot is what a restart trusts.
+//! `keep_snapshots` are kept (and those at marks). The applied position is acknowledged to the
+//! broker (for lag) every second, but the local snapshot is what a restart trusts.
+//!
+//! At every barrier the runtime snapshots, reports the state's hash (and optionally uploads the
+//! snapshot) so the broker can verify that replicas agree. A new replica may bootstrap from the
+//! newest verified snapshot instead of replaying the log ([`Bootstrap::Verified`]).
+//!
+//! A `lockstep.rollback` record naming target `P` reaches every replica. One that applied
+//! anything after `P` removes its snapshots after `P`, restores the newest one at or before it
+//! (local, else the broker's verified one, else the empty state), replays the live events up to
+//! `P` and goes on after the record. One that never applied anything after `P` (it was behind, or
+//! is replaying history, where the superseded events are skipped) has nothing to undo.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use lockstep_proto::consistency::{BARRIER_TYPE, StateReport};
+use lockstep_proto::consistency::{BARRIER_TYPE, ROLLBACK_TYPE, RollbackData, StateReport};
 use lockstep_proto::names::is_reserved;
 use lockstep_proto::record::ChainHash;
 use lockstep_proto::subscription::{Start, StartName, Stuck, SubscriptionSpec};
 
-use crate::client::{Client, ClientError};
+use crate::client::{Client, ClientError, ReadRequest};
 use serde::de::DeserializeOwned;
 
 use crate::replica::{
     ApplyError, EventMeta, Replica, decode, decode_event, decode_state, encode_state,
 };
-use crate::snapshot::{SnapshotStore, StoreError};
+use crate::snapshot::{Snapshot, SnapshotStore, StoreError};
 use crate::subscription::StreamItem;
 
 /// Why the runtime stopped.
@@ -42,6 +52,21 @@ pub enum RuntimeError {
     /// The state could not be encoded or a snapshot decoded.
     #[error(transparent)]
     State(#[from] ApplyError),
+    /// A rollback this replica cannot carry out; it stopped rather than diverge.
+    #[error("rollback: {0}")]
+    Rollback(String),
+}
+
+/// How a replica with no local state starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// Replay the log from the subscription's start (the default).
+    #[default]
+    Replay,
+    /// Download the newest verified snapshot of the service (checked against the hash the
+    /// replicas agreed on), restore it and replay only the tail; replay everything when there is
+    /// none or it fails its check.
+    Verified,
 }
 
 /// Settings of a [`Runtime`], with defaults: see each method.
@@ -57,9 +82,24 @@ pub struct RuntimeBuilder {
     snapshot_interval: Duration,
     keep_snapshots: usize,
     check_determinism: bool,
+    upload_snapshots: bool,
+    bootstrap: Bootstrap,
 }
 
 impl RuntimeBuilder {
+    /// Upload the snapshot taken at each barrier to the broker (when it has no copy yet), so
+    /// new replicas can bootstrap from it and rollbacks find it (default: off).
+    pub fn upload_snapshots(mut self, on: bool) -> Self {
+        self.upload_snapshots = on;
+        self
+    }
+
+    /// How a replica with no local state starts (default: [`Bootstrap::Replay`]).
+    pub fn bootstrap(mut self, bootstrap: Bootstrap) -> Self {
+        self.bootstrap = bootstrap;
+        self
+    }
+
     /// The service this replica belongs to (required).
     pub fn service(mut self, service: impl Into<String>) -> Self {
         self.service = Some(service.into());
@@ -162,6 +202,7 @@ impl RuntimeBuilder {
             replica,
             settings: self,
             store: Arc::new(store),
+            pinned: std::sync::Mutex::new(Vec::new()),
             state: StateHandle {
                 inner: Arc::new(RwLock::new(Applied {
                     position,
@@ -216,6 +257,8 @@ pub struct Runtime<R: Replica> {
     replica: String,
     settings: RuntimeBuilder,
     store: Arc<SnapshotStore>,
+    /// Positions of the broker's marks: their snapshots are kept for rollbacks.
+    pinned: std::sync::Mutex<Vec<u64>>,
     state: StateHandle<R::State>,
 }
 
@@ -238,6 +281,8 @@ impl Runtime<NoReplica> {
             snapshot_interval: Duration::from_secs(30),
             keep_snapshots: 3,
             check_determinism: cfg!(debug_assertions),
+            upload_snapshots: false,
+            bootstrap: Bootstrap::Replay,
         }
     }
 }
@@ -264,6 +309,15 @@ impl<R: Replica> Runtime<R> {
     /// completes. Connection losses are retried forever; a failing apply is retried forever too,
     /// with the replica reported stuck at that position.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RuntimeError> {
+        if self.settings.bootstrap == Bootstrap::Verified && self.state.position() == 0 {
+            match self.bootstrap_now().await {
+                Ok(Some(position)) => {
+                    tracing::info!(position, "bootstrapped from the verified snapshot");
+                }
+                Ok(None) => tracing::info!("no verified snapshot yet: replaying the log"),
+                Err(e) => tracing::warn!(error = %e, "bootstrap refused: replaying the log"),
+            }
+        }
         let driver = Driver {
             client: self.client.clone(),
             service: self.service.clone(),
@@ -272,17 +326,70 @@ impl<R: Replica> Runtime<R> {
         };
         driver.run(&self, shutdown).await
     }
+
+    /// Restores the newest verified snapshot of the service from the broker now, whatever the
+    /// local state, and stores it as a local snapshot; returns its position, or `None` when the
+    /// broker has none. The blob is checked against the hash the replicas agreed on: a damaged
+    /// or substituted one is refused (an error) and nothing changes. [`Runtime::run`] calls this
+    /// for a replica without local state when built with [`Bootstrap::Verified`].
+    pub async fn bootstrap_now(&self) -> Result<Option<u64>, RuntimeError> {
+        let Some((position, chain_hash, bytes)) = self.fetch_verified(None).await? else {
+            return Ok(None);
+        };
+        self.install(position, chain_hash, bytes).await?;
+        Ok(Some(position))
+    }
+
+    /// Downloads and checks the newest verified snapshot at or before `at_or_before`.
+    async fn fetch_verified(
+        &self,
+        at_or_before: Option<u64>,
+    ) -> Result<Option<(u64, String, Vec<u8>)>, RuntimeError> {
+        let Some(verified) = self
+            .client
+            .verified_snapshot(&self.service, at_or_before)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let bytes = self.client.download_snapshot(&verified.state_hash).await?;
+        Ok(Some((verified.position, verified.chain_hash, bytes)))
+    }
+
+    /// Makes `bytes` (a snapshot at `position`) the state and stores it locally.
+    async fn install(
+        &self,
+        position: u64,
+        chain_hash: String,
+        bytes: Vec<u8>,
+    ) -> Result<(), RuntimeError> {
+        let state: R::State = decode_state(&bytes)?;
+        let chain = chain_bytes(&chain_hash);
+        let store = Arc::clone(&self.store);
+        let keep = self.settings.keep_snapshots;
+        tokio::task::spawn_blocking(move || store.save(position, chain, &bytes, keep))
+            .await
+            .map_err(|e| RuntimeError::Config(format!("snapshot task failed: {e}")))??;
+        self.set_state(position, chain_hash, state);
+        Ok(())
+    }
+
+    fn set_state(&self, position: u64, chain_hash: String, state: R::State) {
+        let mut guard = match self.state.inner.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *guard = Applied {
+            position,
+            chain_hash,
+            state,
+        };
+    }
 }
 
 impl<R: Replica> Target for Runtime<R> {
     fn position(&self) -> u64 {
         self.state.position()
-    }
-
-    fn state_hash(&self) -> Option<Result<(blake3::Hash, String), ApplyError>> {
-        Some(self.state.inner_read(|applied| {
-            encode_state(&applied.state).map(|b| (blake3::hash(&b), applied.chain_hash.clone()))
-        }))
     }
 
     fn apply(&self, event: &crate::Event, meta: &EventMeta) -> Result<(), ApplyError> {
@@ -308,13 +415,13 @@ impl<R: Replica> Target for Runtime<R> {
     }
 
     /// Writes a snapshot of the current state (and checks it round-trips canonically).
-    async fn checkpoint(&self) -> Result<(), RuntimeError> {
+    async fn checkpoint(&self) -> Result<Option<Snapshot>, RuntimeError> {
         let (position, chain_hash, bytes) = self.state.inner_read(|applied| {
             encode_state(&applied.state)
                 .map(|b| (applied.position, chain_bytes(&applied.chain_hash), b))
         })?;
         if position == 0 {
-            return Ok(());
+            return Ok(None);
         }
         if self.settings.check_determinism {
             let again = decode_state::<R::State>(&bytes).and_then(|s| encode_state(&s))?;
@@ -328,11 +435,54 @@ impl<R: Replica> Target for Runtime<R> {
         }
         let store = Arc::clone(&self.store);
         let keep = self.settings.keep_snapshots;
-        tokio::task::spawn_blocking(move || store.save(position, chain_hash, &bytes, keep))
-            .await
-            .map_err(|e| RuntimeError::Config(format!("snapshot task failed: {e}")))??;
+        let pinned = match self.pinned.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let snapshot = tokio::task::spawn_blocking(move || {
+            store.save_keeping(position, chain_hash, &bytes, keep, &pinned)
+        })
+        .await
+        .map_err(|e| RuntimeError::Config(format!("snapshot task failed: {e}")))??;
         tracing::debug!(position, "snapshot written");
-        Ok(())
+        Ok(Some(snapshot))
+    }
+
+    fn pin(&self, positions: Vec<u64>) {
+        match self.pinned.lock() {
+            Ok(mut guard) => *guard = positions,
+            Err(poisoned) => *poisoned.into_inner() = positions,
+        }
+    }
+
+    /// Removes the snapshots after `target` and restores the newest state at or before it:
+    /// local, else the broker's verified snapshot, else the empty state.
+    async fn restore(&self, target: u64) -> Result<u64, RuntimeError> {
+        let store = Arc::clone(&self.store);
+        let local = tokio::task::spawn_blocking(move || {
+            store.remove_after(target)?;
+            store.newest_valid_at_or_before(target)
+        })
+        .await
+        .map_err(|e| RuntimeError::Config(format!("snapshot task failed: {e}")))??;
+        if let Some(snapshot) = local {
+            let state: R::State = decode_state(&snapshot.bytes)?;
+            let chain = blake3::Hash::from_bytes(snapshot.chain_hash)
+                .to_hex()
+                .to_string();
+            self.set_state(snapshot.position, chain, state);
+            return Ok(snapshot.position);
+        }
+        match self.fetch_verified(Some(target)).await {
+            Ok(Some((position, chain_hash, bytes))) => {
+                self.install(position, chain_hash, bytes).await?;
+                return Ok(position);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "verified snapshot refused; replaying instead"),
+        }
+        self.set_state(0, String::new(), R::State::default());
+        Ok(0)
     }
 }
 
@@ -344,11 +494,14 @@ trait Target: Sync {
     fn apply(&self, event: &crate::Event, meta: &EventMeta) -> Result<(), ApplyError>;
     /// Records a control record's position as applied (it changes no state).
     fn skip(&self, event: &crate::Event) -> Result<(), ApplyError>;
-    /// Makes progress durable: a snapshot, or nothing when the target stores its own position.
-    fn checkpoint(&self) -> impl Future<Output = Result<(), RuntimeError>> + Send;
-    /// blake3 of the state's canonical bytes and the chain hash (hex) at its position, where the
-    /// runtime holds the state; `None` where it does not (external state).
-    fn state_hash(&self) -> Option<Result<(blake3::Hash, String), ApplyError>>;
+    /// Makes progress durable: a snapshot (returned), or nothing when the target stores its own
+    /// position (external state, whose hash the runtime cannot know).
+    fn checkpoint(&self) -> impl Future<Output = Result<Option<Snapshot>, RuntimeError>> + Send;
+    /// Keeps the snapshots at these positions (the broker's marks) from now on.
+    fn pin(&self, positions: Vec<u64>);
+    /// Returns the state to the newest point at or before `target` it can restore; returns that
+    /// point's position (0: the empty state). The runtime then replays the rest up to `target`.
+    fn restore(&self, target: u64) -> impl Future<Output = Result<u64, RuntimeError>> + Send;
 }
 
 /// The loop shared by both runtimes: register, stream, apply in order, checkpoint, ack.
@@ -403,12 +556,21 @@ impl Driver {
                 };
                 match item {
                     Some(Ok(StreamItem::Event(event))) => {
+                        if event.event_type == ROLLBACK_TYPE {
+                            self.roll_back(target, &event).await?;
+                        }
                         tokio::select! {
                             () = self.apply_until_done(target, &event) => {}
                             _ = &mut shutdown => break 'connect,
                         }
                         after = event.position;
                         since_checkpoint += 1;
+                        if event.event_type == ROLLBACK_TYPE {
+                            // Where a rollback left the state is worth keeping at once.
+                            target.checkpoint().await?;
+                            since_checkpoint = 0;
+                            last_checkpoint = Instant::now();
+                        }
                         if event.event_type == BARRIER_TYPE {
                             self.at_barrier(target, event.position).await?;
                             since_checkpoint = 0;
@@ -447,24 +609,107 @@ impl Driver {
         Ok(())
     }
 
-    /// At a barrier, with everything up to it applied: snapshot, then report the state's hash so
-    /// the broker can verify that every replica holds the same state here.
+    /// At a barrier, with everything up to it applied: snapshot (keeping those at marks), then
+    /// report the state's hash so the broker can verify that every replica holds the same state
+    /// here, and upload the snapshot if asked to.
     async fn at_barrier(&self, target: &impl Target, position: u64) -> Result<(), RuntimeError> {
-        let Some(hashed) = target.state_hash() else {
+        match self.client.marks().await {
+            Ok(marks) => target.pin(marks.marks.iter().map(|m| m.position).collect()),
+            Err(e) => tracing::debug!(error = %e, "could not list marks"),
+        }
+        let Some(snapshot) = target.checkpoint().await? else {
             return Ok(());
         };
-        let (state_hash, chain_hash) = hashed?;
-        target.checkpoint().await?;
         let report = StateReport {
             service: self.service.clone(),
             replica: self.replica.clone(),
             position,
-            state_hash: state_hash.to_hex().to_string(),
-            chain_hash,
+            state_hash: snapshot.state_hash_hex(),
+            chain_hash: blake3::Hash::from_bytes(snapshot.chain_hash)
+                .to_hex()
+                .to_string(),
         };
         if let Err(e) = self.client.report_state(&report).await {
             tracing::warn!(error = %e, position, "could not report the state hash at a barrier");
         }
+        if self.settings.upload_snapshots {
+            let client = self.client.clone();
+            tokio::spawn(async move {
+                let hash = snapshot.state_hash_hex();
+                if matches!(client.has_snapshot(&hash).await, Ok(true)) {
+                    return;
+                }
+                if let Err(e) = client.upload_snapshot(snapshot.bytes).await {
+                    tracing::warn!(error = %e, position, "could not upload the snapshot");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// At a rollback record: if this replica applied anything after the target, return its
+    /// state to the target (see the module documentation). The caller then records the rollback
+    /// record itself as applied.
+    async fn roll_back(
+        &self,
+        target: &impl Target,
+        record: &crate::Event,
+    ) -> Result<(), RuntimeError> {
+        let data: RollbackData = record
+            .data
+            .as_deref()
+            .and_then(|raw| serde_json::from_str(raw.get()).ok())
+            .ok_or_else(|| {
+                RuntimeError::Rollback(format!(
+                    "the rollback record at {} has no readable target",
+                    record.position
+                ))
+            })?;
+        let to = data.target;
+        let at = target.position();
+        if at <= to {
+            tracing::info!(
+                rollback = record.position,
+                target = to,
+                "rollback: nothing after the target was applied here"
+            );
+            return Ok(());
+        }
+        tracing::warn!(
+            service = %self.service,
+            replica = %self.replica,
+            rollback = record.position,
+            target = to,
+            from = at,
+            "rolling back"
+        );
+        let restored = target.restore(to).await?;
+        if restored > to {
+            return Err(RuntimeError::Rollback(format!(
+                "the replica restored position {restored}, after the target {to}"
+            )));
+        }
+        // Replay the live events up to the target; reads skip superseded ones.
+        let mut pages = self.client.pages(
+            ReadRequest::after(restored)
+                .types(self.settings.types.join(","))
+                .limit(10_000),
+        );
+        'pages: while let Some(page) = pages.next().await {
+            let page = page?;
+            for event in &page.events {
+                if event.position > to {
+                    break 'pages;
+                }
+                if !is_reserved(&event.event_type) {
+                    self.apply_until_done(target, event).await;
+                }
+            }
+            if page.next_after >= to {
+                break;
+            }
+        }
+        tracing::info!(target = to, restored, "rollback replayed up to the target");
         Ok(())
     }
 
@@ -593,6 +838,14 @@ pub trait ExternalReplica: Send + Sync + 'static {
     fn skip(&self, _position: u64, _hash: &str) -> Result<(), ApplyError> {
         Ok(())
     }
+
+    /// A rollback to `target`: return the database to its state at some position at or before
+    /// `target` (from a backup, or by undoing) and return that position; the runtime then
+    /// replays the live events from there up to `target`. `None` (the default) means this replica
+    /// cannot roll back: the runtime stops with an error rather than let it diverge.
+    fn roll_back(&self, _target: u64) -> Option<Result<u64, ApplyError>> {
+        None
+    }
 }
 
 /// The runtime of an [`ExternalReplica`]. Build with [`RuntimeBuilder::build_external`].
@@ -614,10 +867,6 @@ impl<E: ExternalReplica> Target for ExternalRuntime<E> {
         self.position.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    fn state_hash(&self) -> Option<Result<(blake3::Hash, String), ApplyError>> {
-        None
-    }
-
     fn apply(&self, event: &crate::Event, meta: &EventMeta) -> Result<(), ApplyError> {
         let decoded: E::Event = decode_event(&event.event_type, event.data.as_deref())?;
         self.replica.apply(decoded, meta)?;
@@ -633,8 +882,28 @@ impl<E: ExternalReplica> Target for ExternalRuntime<E> {
         Ok(())
     }
 
-    async fn checkpoint(&self) -> Result<(), RuntimeError> {
-        Ok(())
+    async fn checkpoint(&self) -> Result<Option<Snapshot>, RuntimeError> {
+        Ok(None)
+    }
+
+    fn pin(&self, _positions: Vec<u64>) {}
+
+    async fn restore(&self, target: u64) -> Result<u64, RuntimeError> {
+        match self.replica.roll_back(target) {
+            None => Err(RuntimeError::Rollback(format!(
+                "a rollback to position {target} reached this replica, whose state lives in its \
+                 own database and which does not implement ExternalReplica::roll_back; it stopped \
+                 rather than diverge"
+            ))),
+            Some(Err(e)) => Err(RuntimeError::Rollback(format!(
+                "rolling back to {target} failed: {e}"
+            ))),
+            Some(Ok(position)) => {
+                self.position
+                    .store(position, std::sync::atomic::Ordering::Release);
+                Ok(position)
+            }
+        }
     }
 }
 

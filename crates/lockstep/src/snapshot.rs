@@ -84,6 +84,19 @@ impl SnapshotStore {
         bytes: &[u8],
         keep: usize,
     ) -> Result<Snapshot, StoreError> {
+        self.save_keeping(position, chain_hash, bytes, keep, &[])
+    }
+
+    /// Stores a snapshot durably and keeps the newest `keep` (at least one) and those at the
+    /// `pinned` positions (marks a rollback may return to).
+    pub fn save_keeping(
+        &self,
+        position: u64,
+        chain_hash: [u8; 32],
+        bytes: &[u8],
+        keep: usize,
+        pinned: &[u64],
+    ) -> Result<Snapshot, StoreError> {
         let snapshot = Snapshot {
             position,
             state_hash: *blake3::hash(bytes).as_bytes(),
@@ -110,7 +123,7 @@ impl SnapshotStore {
                 .filter_map(|e| e.ok().map(|(k, _)| k.value()))
                 .collect();
             let excess = positions.len().saturating_sub(keep.max(1));
-            for old in &positions[..excess] {
+            for old in positions[..excess].iter().filter(|p| !pinned.contains(p)) {
                 table.remove(*old).map_err(store_error)?;
             }
         }
@@ -120,9 +133,14 @@ impl SnapshotStore {
 
     /// The newest snapshot whose bytes match their hash. Damaged ones are skipped with a warning.
     pub fn newest_valid(&self) -> Result<Option<Snapshot>, StoreError> {
+        self.newest_valid_at_or_before(u64::MAX)
+    }
+
+    /// The newest valid snapshot at or before `position`.
+    pub fn newest_valid_at_or_before(&self, position: u64) -> Result<Option<Snapshot>, StoreError> {
         let txn = self.db.begin_read().map_err(store_error)?;
         let table = txn.open_table(SNAPSHOTS).map_err(store_error)?;
-        for entry in table.iter().map_err(store_error)?.rev() {
+        for entry in table.range(..=position).map_err(store_error)?.rev() {
             let (position, row) = entry.map_err(store_error)?;
             match parse(position.value(), row.value()) {
                 Ok(snapshot) => return Ok(Some(snapshot)),
@@ -134,6 +152,27 @@ impl SnapshotStore {
             }
         }
         Ok(None)
+    }
+
+    /// Removes every snapshot after `position` (they hold states a rollback superseded); returns
+    /// how many.
+    pub fn remove_after(&self, position: u64) -> Result<usize, StoreError> {
+        let txn = self.db.begin_write().map_err(store_error)?;
+        let removed = {
+            let mut table = txn.open_table(SNAPSHOTS).map_err(store_error)?;
+            let later: Vec<u64> = table
+                .range(position.saturating_add(1)..)
+                .map_err(store_error)?
+                .map(|e| e.map(|(k, _)| k.value()))
+                .collect::<Result<_, _>>()
+                .map_err(store_error)?;
+            for p in &later {
+                table.remove(*p).map_err(store_error)?;
+            }
+            later.len()
+        };
+        txn.commit().map_err(store_error)?;
+        Ok(removed)
     }
 
     /// Positions of the stored snapshots, oldest first.
@@ -213,5 +252,27 @@ mod tests {
         assert_eq!(fallback.position, 40);
         store.overwrite_raw(40, b"\x01short");
         assert_eq!(store.newest_valid().unwrap().unwrap().position, 30);
+    }
+
+    #[test]
+    fn pinned_snapshots_stay_and_a_rollback_removes_later_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open(dir.path()).unwrap();
+        for p in 1..=6u64 {
+            store
+                .save_keeping(p * 10, [0; 32], &p.to_be_bytes(), 2, &[20])
+                .unwrap();
+        }
+        assert_eq!(store.positions().unwrap(), [20, 50, 60]);
+        assert_eq!(
+            store
+                .newest_valid_at_or_before(49)
+                .unwrap()
+                .unwrap()
+                .position,
+            20
+        );
+        assert_eq!(store.remove_after(20).unwrap(), 2);
+        assert_eq!(store.positions().unwrap(), [20]);
     }
 }

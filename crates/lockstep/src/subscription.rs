@@ -596,7 +596,7 @@ impl Client {
 }
 
 /// An answer without a body: success, or the broker's error.
-async fn no_content(response: reqwest::Response) -> Result<(), ClientError> {
+pub(crate) async fn no_content(response: reqwest::Response) -> Result<(), ClientError> {
     let status = response.status();
     if status.is_success() {
         return Ok(());

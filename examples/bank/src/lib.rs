@@ -71,6 +71,20 @@ pub type Accounts = BTreeMap<String, Account>;
 /// The bank's [`Replica`].
 pub struct Bank;
 
+/// Fault injection for demonstrations and tests: the event type this process applies wrongly
+/// (one cent too much), making its replica deliberately nondeterministic so that verification has
+/// something to find. Set once, at start, from `BANK_MISAPPLY`.
+static MISAPPLY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Makes this process apply events of `event_type` wrongly (see [`MISAPPLY`]).
+pub fn misapply(event_type: &str) {
+    let _ = MISAPPLY.set(event_type.to_owned());
+}
+
+fn fault(meta: &EventMeta) -> i64 {
+    i64::from(MISAPPLY.get().is_some_and(|t| *t == meta.event_type))
+}
+
 impl Replica for Bank {
     type State = Accounts;
     type Event = BankEvent;
@@ -85,12 +99,12 @@ impl Replica for Bank {
             }
             BankEvent::Deposited { amount } => {
                 let account = state.entry(id).or_default();
-                account.balance += amount;
+                account.balance += amount + fault(meta);
                 account.last_keyed = meta.position;
             }
             BankEvent::Withdrawn { amount } => {
                 let account = state.entry(id).or_default();
-                account.balance -= amount;
+                account.balance -= amount + fault(meta);
                 account.last_keyed = meta.position;
             }
             BankEvent::Transferred { to, amount } => {

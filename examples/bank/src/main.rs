@@ -1,9 +1,14 @@
 //! `bank REPLICA_ID PORT [BROKER_URL]`: one replica of the account service. Its snapshots go to
-//! `./bank-state/REPLICA_ID`, every `BANK_SNAPSHOT_EVERY` events (default 10,000).
+//! `./bank-state/REPLICA_ID`, every `BANK_SNAPSHOT_EVERY` events (default 10,000) and at every
+//! barrier, where they are also uploaded to the broker.
+//!
+//! `BANK_BOOTSTRAP=verified`: a replica without local state starts from the newest verified
+//! snapshot instead of replaying the log. `BANK_MISAPPLY=TYPE`: fault injection, this replica
+//! applies events of TYPE wrongly (to see `lockstep verify` catch it).
 
 use anyhow::Context as _;
 use lockstep::{Client, Runtime};
-use lockstep_example_bank::{Bank, Service, router};
+use lockstep_example_bank::{Bank, Service, misapply, router};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -27,7 +32,21 @@ async fn main() -> anyhow::Result<()> {
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(10_000),
         )
+        .upload_snapshots(true)
         .build::<Bank>()?;
+    if let Ok(event_type) = std::env::var("BANK_MISAPPLY") {
+        eprintln!("fault injection: applying {event_type} wrongly");
+        misapply(&event_type);
+    }
+    if std::env::var("BANK_BOOTSTRAP").as_deref() == Ok("verified")
+        && runtime.state().position() == 0
+    {
+        match runtime.bootstrap_now().await {
+            Ok(Some(_)) => {}
+            Ok(None) => eprintln!("no verified snapshot yet: replaying the log"),
+            Err(e) => eprintln!("verified snapshot refused ({e}): replaying the log"),
+        }
+    }
     let service = Service {
         client: Client::new(&broker)?,
         state: runtime.state(),

@@ -1,56 +1,14 @@
 //! A bank replica killed with SIGKILL mid-stream restarts from its snapshot and converges.
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Child, Command};
+mod common;
+
 use std::time::{Duration, Instant};
+
+use common::{balances, free_port, start_bank};
 
 use lockstep::{Client, NewEvent, Runtime};
 use lockstep_example_bank::Bank;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts the bank binary; returns it and the position it restored its state at.
-fn start_bank(dir: &std::path::Path, port: u16, broker: &str) -> (Child, u64) {
-    use std::io::BufRead as _;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bank"))
-        .args(["bank-k", &port.to_string(), broker])
-        .current_dir(dir)
-        .env("BANK_SNAPSHOT_EVERY", "100")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let restored = line
-        .rsplit("restored at position ")
-        .next()
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
-    (child, restored)
-}
-
-async fn balances(port: u16, accounts: usize) -> Option<Vec<i64>> {
-    let mut out = Vec::new();
-    for a in 0..accounts {
-        let response = reqwest::get(format!("http://127.0.0.1:{port}/accounts/a{a}"))
-            .await
-            .ok()?;
-        if !response.status().is_success() {
-            return None;
-        }
-        let body: serde_json::Value = response.json().await.ok()?;
-        out.push(body["balance"].as_i64()?);
-    }
-    Some(out)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replica_restarts_from_its_snapshot_and_converges() {
@@ -78,7 +36,13 @@ async fn a_killed_replica_restarts_from_its_snapshot_and_converges() {
 
     let home = tempfile::tempdir().unwrap();
     let port = free_port();
-    let (mut bank, restored) = start_bank(home.path(), port, &url);
+    let (mut bank, restored) = start_bank(
+        home.path(),
+        "bank-k",
+        port,
+        &url,
+        &[("BANK_SNAPSHOT_EVERY", "100")],
+    );
     assert_eq!(restored, 0, "a new replica starts empty");
     // Publish deposits in the background while the replica applies them.
     let publisher = {
@@ -128,7 +92,13 @@ async fn a_killed_replica_restarts_from_its_snapshot_and_converges() {
     let reference_state = reference.state();
     tokio::spawn(reference.run(std::future::pending()));
 
-    let (mut bank, restored) = start_bank(home.path(), port, &url);
+    let (mut bank, restored) = start_bank(
+        home.path(),
+        "bank-k",
+        port,
+        &url,
+        &[("BANK_SNAPSHOT_EVERY", "100")],
+    );
     assert!(restored > 0, "the restarted replica restores its snapshot");
     let head = client.head().await.unwrap().position;
     let deadline = Instant::now() + Duration::from_secs(60);
