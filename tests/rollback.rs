@@ -1,0 +1,530 @@
+//! Rollback, pause, redrive and verified-snapshot bootstrap, against a real broker over HTTP.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lockstep::{
+    ApplyError, Bootstrap, Client, EventMeta, ExternalReplica, ReadRequest, Replica, RollbackTo,
+    Runtime, RuntimeError, StateHandle,
+};
+use lockstep_e2e::{TestBroker, error_of, refused, verify_chain, wait_until};
+use reqwest::StatusCode;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::oneshot;
+
+#[derive(Deserialize)]
+#[serde(tag = "type", content = "data")]
+enum Event {
+    #[serde(rename = "counter.added")]
+    Added { n: i64 },
+}
+
+/// Per key: the sum of the numbers added.
+struct Sums;
+
+impl Replica for Sums {
+    type State = BTreeMap<String, i64>;
+    type Event = Event;
+
+    fn apply(state: &mut Self::State, event: Event, meta: &EventMeta) -> Result<(), ApplyError> {
+        let Event::Added { n } = event;
+        *state
+            .entry(meta.key.clone().unwrap_or_default())
+            .or_default() += n;
+        Ok(())
+    }
+}
+
+fn adds(from: i64, to: i64) -> serde_json::Value {
+    let events: Vec<_> = (from..=to)
+        .map(|n| json!({"type": "counter.added", "key": format!("k{}", n % 3), "data": {"n": n}}))
+        .collect();
+    json!(events)
+}
+
+/// The state `Sums` holds after the additions of `numbers`.
+fn sums(numbers: impl IntoIterator<Item = i64>) -> BTreeMap<String, i64> {
+    let mut state = BTreeMap::new();
+    for n in numbers {
+        *state.entry(format!("k{}", n % 3)).or_default() += n;
+    }
+    state
+}
+
+fn builder(broker: &TestBroker, id: &str, dir: &std::path::Path) -> lockstep::RuntimeBuilder {
+    Runtime::builder(&broker.url)
+        .service("sums")
+        .replica(id)
+        .types(["counter.*"])
+        .state_dir(dir)
+}
+
+/// Starts a runtime; returns its state and the switch that stops it.
+fn start(runtime: Runtime<Sums>) -> (StateHandle<BTreeMap<String, i64>>, oneshot::Sender<()>) {
+    let state = runtime.state();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(runtime.run(async {
+        let _ = stopped.await;
+    }));
+    (state, stop)
+}
+
+async fn reaches(state: &StateHandle<BTreeMap<String, i64>>, position: u64, what: &str) {
+    wait_until(Duration::from_secs(20), what, || async {
+        state.position() >= position
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_supersedes_without_deleting_and_survives_a_restart() {
+    let broker = TestBroker::start().await;
+    let client = Client::new(&broker.url).unwrap();
+    broker.publish(&adds(1, 10)).await;
+    let http = reqwest::Client::new();
+    // Subscribed before the rollback, it has seen nothing yet.
+    http.post(broker.at("/v1/subscriptions"))
+        .json(&json!({"service": "audit", "replica": "r", "types": ["counter.*"], "start": "beginning"}))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+
+    let rollback = client
+        .rollback(RollbackTo::Position(4), Some("bad deploy"))
+        .await
+        .unwrap();
+    assert_eq!((rollback.target, rollback.position), (4, 11));
+
+    let live: Vec<u64> = broker
+        .read_all(100)
+        .await
+        .iter()
+        .map(|e| e.position)
+        .collect();
+    assert_eq!(live, [1, 2, 3, 4, 11]);
+    let pulled: serde_json::Value = http
+        .get(broker.at("/v1/subscriptions/audit/r/events"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let delivered: Vec<u64> = pulled["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["position"].as_u64().unwrap())
+        .collect();
+    assert_eq!(delivered, [1, 2, 3, 4, 11], "never delivered live again");
+
+    let check = |broker: TestBroker| async move {
+        let client = Client::new(&broker.url).unwrap();
+        let all = client
+            .read(&ReadRequest::after(0).include_superseded())
+            .await
+            .unwrap()
+            .events;
+        verify_chain(&all);
+        let superseded: Vec<u64> = all
+            .iter()
+            .filter(|e| e.superseded)
+            .map(|e| e.position)
+            .collect();
+        assert_eq!(superseded, [5, 6, 7, 8, 9, 10], "kept, and marked");
+        let list = client.rollbacks().await.unwrap();
+        assert_eq!(list.superseded_events, 6);
+        assert_eq!(list.rollbacks.len(), 1);
+        assert_eq!(list.rollbacks[0].reason.as_deref(), Some("bad deploy"));
+        broker
+    };
+    let broker = check(broker).await;
+    let broker = check(broker.restart().await).await;
+    let client = Client::new(&broker.url).unwrap();
+
+    // Targets a rollback cannot return to change nothing.
+    let post = |body: serde_json::Value| {
+        reqwest::Client::new()
+            .post(broker.at("/v1/rollbacks"))
+            .json(&body)
+    };
+    let e = refused(
+        &broker,
+        "superseded target",
+        post(json!({"to": {"position": 7}})),
+        StatusCode::CONFLICT,
+        "refused",
+    )
+    .await;
+    assert!(e.message.contains("superseded"), "{}", e.message);
+    refused(
+        &broker,
+        "past the head",
+        post(json!({"to": {"position": 99}})),
+        StatusCode::CONFLICT,
+        "refused",
+    )
+    .await;
+    refused(
+        &broker,
+        "the head itself",
+        post(json!({"to": {"position": 11}})),
+        StatusCode::CONFLICT,
+        "refused",
+    )
+    .await;
+    refused(
+        &broker,
+        "unknown mark",
+        post(json!({"to": {"mark": "nope"}})),
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    refused(
+        &broker,
+        "malformed",
+        post(json!({"to": 3})),
+        StatusCode::BAD_REQUEST,
+        "invalid_json",
+    )
+    .await;
+
+    // A second rollback to before the first supersedes its record too.
+    broker.publish(&adds(12, 13)).await;
+    let second = client
+        .rollback(RollbackTo::Position(2), None)
+        .await
+        .unwrap();
+    assert_eq!(second.position, 14);
+    let live: Vec<u64> = broker
+        .read_all(100)
+        .await
+        .iter()
+        .map(|e| e.position)
+        .collect();
+    assert_eq!(live, [1, 2, 14]);
+    assert_eq!(client.rollbacks().await.unwrap().superseded_events, 11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_answers_503_with_retry_after_until_resume_even_across_a_restart() {
+    let broker = TestBroker::start().await;
+    let client = Client::new(&broker.url).unwrap();
+    broker.publish(&adds(1, 2)).await;
+    let state = client.pause(Some("rolling back")).await.unwrap();
+    assert!(state.paused);
+    let publish = || {
+        reqwest::Client::new()
+            .post(broker.at("/v1/events"))
+            .json(&json!({"type": "counter.added", "data": {"n": 1}}))
+    };
+    let response = publish().send().await.unwrap();
+    assert_eq!(response.headers()["retry-after"], "2");
+    let (status, error) = error_of(response).await;
+    assert_eq!(
+        (status, error.code.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "paused")
+    );
+    assert!(error.message.contains("rolling back"), "{}", error.message);
+    // The broker's own records still go in: an operator can roll back while paused.
+    client
+        .rollback(RollbackTo::Position(1), None)
+        .await
+        .unwrap();
+
+    let broker = broker.restart().await;
+    let client = Client::new(&broker.url).unwrap();
+    assert!(
+        client.pause_state().await.unwrap().paused,
+        "a pause survives a restart"
+    );
+    let again = reqwest::Client::new()
+        .post(broker.at("/v1/events"))
+        .json(&json!({"type": "counter.added", "data": {"n": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!client.resume().await.unwrap().paused);
+    broker.publish(&adds(3, 3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_publishes_superseded_events_again_except_the_named_ones_once() {
+    let broker = TestBroker::start().await;
+    let client = Client::new(&broker.url).unwrap();
+    let acks = broker.publish(&adds(1, 6)).await;
+    client
+        .rollback(RollbackTo::Position(2), None)
+        .await
+        .unwrap();
+    let bad = acks[3].id.clone();
+    let result = client.redrive(1, 7, vec![bad]).await.unwrap();
+    assert_eq!(result.excepted, 1);
+    let originals: Vec<u64> = result.redriven.iter().map(|r| r.original).collect();
+    assert_eq!(
+        originals,
+        [3, 5, 6],
+        "only superseded events, in order, minus the bad one"
+    );
+    let positions: Vec<u64> = result.redriven.iter().map(|r| r.position).collect();
+    assert_eq!(positions, [8, 9, 10]);
+    let live = broker.read_all(100).await;
+    let redriven: Vec<&str> = live[3..]
+        .iter()
+        .map(|e| e.data.as_ref().unwrap().get())
+        .collect();
+    assert_eq!(redriven, [r#"{"n":3}"#, r#"{"n":5}"#, r#"{"n":6}"#]);
+    assert_eq!(live[3].key.as_deref(), Some("k0"), "the key is kept");
+
+    // Once only: a repeated redrive finds them published already.
+    let again = client
+        .redrive(1, 7, vec![acks[3].id.clone()])
+        .await
+        .unwrap();
+    assert!(again.redriven.iter().all(|r| r.duplicate));
+    assert_eq!(broker.head().await.position, 10);
+
+    let post = |body: serde_json::Value| {
+        reqwest::Client::new()
+            .post(broker.at("/v1/redrive"))
+            .json(&body)
+    };
+    refused(
+        &broker,
+        "reversed range",
+        post(json!({"from": 5, "to": 2})),
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    )
+    .await;
+    refused(
+        &broker,
+        "past the head",
+        post(json!({"from": 1, "to": 500})),
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_roll_back_to_a_position_between_snapshots_and_a_late_replica_agrees() {
+    let broker = TestBroker::start().await;
+    let client = Client::new(&broker.url).unwrap();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    // Snapshots every 7 events: the target, 25, falls between two of them.
+    let (a, _stop_a) = start(
+        builder(&broker, "a", dirs[0].path())
+            .snapshot_every(7)
+            .build()
+            .unwrap(),
+    );
+    broker.publish(&adds(1, 25)).await;
+    let acks = broker.publish(&adds(26, 40)).await;
+    reaches(&a, acks.last().unwrap().position, "a applies everything").await;
+
+    let rollback = client
+        .rollback(RollbackTo::Position(25), None)
+        .await
+        .unwrap();
+    reaches(&a, rollback.position, "a passes the rollback").await;
+    assert_eq!(a.read(|s, _| s.clone()), sums(1..=25));
+
+    // Live again after the rollback.
+    let more = broker.publish(&adds(100, 101)).await;
+    reaches(&a, more[1].position, "a applies the new events").await;
+    let expected = sums((1..=25).chain(100..=101));
+    assert_eq!(a.read(|s, _| s.clone()), expected);
+
+    // A replica replaying history never sees the superseded events: the same state.
+    let (b, _stop_b) = start(builder(&broker, "b", dirs[1].path()).build().unwrap());
+    reaches(&b, more[1].position, "b catches up").await;
+    assert_eq!(b.read(|s, _| s.clone()), expected);
+
+    // A replica that stopped in the middle of the superseded range rolls back on restart.
+    let head = broker.head().await.position;
+    let (c, stop_c) = start(
+        builder(&broker, "c", dirs[2].path())
+            .snapshot_every(1)
+            .build()
+            .unwrap(),
+    );
+    reaches(&c, head, "c catches up").await;
+    let _ = stop_c.send(());
+    let second = broker.publish(&adds(200, 209)).await;
+    let target = second[4].position;
+    client
+        .rollback(RollbackTo::Position(target), None)
+        .await
+        .unwrap();
+    let (c, _stop_c) = start(builder(&broker, "c", dirs[2].path()).build().unwrap());
+    let head = broker.head().await.position;
+    reaches(&c, head, "c passes the second rollback").await;
+    reaches(&a, head, "a passes the second rollback").await;
+    let expected = sums((1..=25).chain(100..=101).chain(200..=204));
+    assert_eq!(c.read(|s, _| s.clone()), expected);
+    assert_eq!(a.read(|s, _| s.clone()), expected);
+}
+
+#[derive(Default)]
+struct Db {
+    position: u64,
+    total: i64,
+}
+
+struct External(Arc<std::sync::Mutex<Db>>);
+
+impl ExternalReplica for External {
+    type Event = Event;
+
+    fn resume_after(&self) -> Result<u64, ApplyError> {
+        Ok(self.0.lock().unwrap().position)
+    }
+
+    fn apply(&self, event: Event, meta: &EventMeta) -> Result<(), ApplyError> {
+        let Event::Added { n } = event;
+        let mut db = self.0.lock().unwrap();
+        db.total += n;
+        db.position = meta.position;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_replica_that_cannot_roll_back_stops_rather_than_diverge() {
+    let broker = TestBroker::start().await;
+    let client = Client::new(&broker.url).unwrap();
+    broker.publish(&adds(1, 5)).await;
+    let db = Arc::new(std::sync::Mutex::new(Db::default()));
+    let runtime = Runtime::builder(&broker.url)
+        .service("external")
+        .replica("x")
+        .types(["counter.*"])
+        .build_external(External(Arc::clone(&db)))
+        .unwrap();
+    let running = tokio::spawn(runtime.run(std::future::pending()));
+    wait_until(Duration::from_secs(10), "x applies", || async {
+        db.lock().unwrap().position == 5
+    })
+    .await;
+    client
+        .rollback(RollbackTo::Position(2), None)
+        .await
+        .unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the runtime stops")
+        .unwrap();
+    let Err(RuntimeError::Rollback(message)) = stopped else {
+        panic!("expected a rollback error, got {stopped:?}");
+    };
+    assert!(message.contains("roll_back"), "{message}");
+    assert_eq!(db.lock().unwrap().total, 15, "nothing further was applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_from_the_verified_snapshot_matches_replay_and_refuses_a_tampered_blob() {
+    let broker = TestBroker::start().await;
+    let client = Client::new(&broker.url).unwrap();
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut stops = Vec::new();
+    let mut states = Vec::new();
+    for (i, id) in ["a", "b"].iter().enumerate() {
+        let (state, stop) = start(
+            builder(&broker, id, dirs[i].path())
+                .upload_snapshots(true)
+                .build()
+                .unwrap(),
+        );
+        states.push(state);
+        stops.push(stop);
+    }
+    broker.publish(&adds(1, 300)).await;
+    let barrier = client.barrier().await.unwrap();
+    wait_until(Duration::from_secs(20), "a verified snapshot", || async {
+        client
+            .verified_snapshot("sums", None)
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    let verified = client
+        .verified_snapshot("sums", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((verified.position, verified.replicas), (barrier, 2));
+    let tail = broker.publish(&adds(301, 310)).await;
+
+    let runtime = builder(&broker, "c", dirs[2].path())
+        .bootstrap(Bootstrap::Verified)
+        .build::<Sums>()
+        .unwrap();
+    assert_eq!(runtime.bootstrap_now().await.unwrap(), Some(barrier));
+    assert_eq!(runtime.state().position(), barrier);
+    let (c, _stop_c) = start(runtime);
+    reaches(&c, tail[9].position, "c replays the tail").await;
+    reaches(&states[0], tail[9].position, "a applies the tail").await;
+    assert_eq!(c.read(|s, _| s.clone()), states[0].read(|s, _| s.clone()));
+    assert_eq!(c.read(|s, _| s.clone()), sums(1..=310));
+
+    // Damage the stored blob: the broker refuses to serve it, the replica refuses to use it.
+    let blob = broker
+        .data_dir()
+        .join("snapshots")
+        .join(&verified.state_hash);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&blob, &bytes).unwrap();
+    let fresh = builder(&broker, "d", dirs[3].path())
+        .build::<Sums>()
+        .unwrap();
+    let refused_blob = fresh.bootstrap_now().await.unwrap_err();
+    assert!(
+        refused_blob.to_string().contains("damaged"),
+        "{refused_blob}"
+    );
+    assert_eq!(fresh.state().position(), 0, "nothing was restored");
+    let (status, error) = error_of(
+        reqwest::get(broker.at(&format!("/v1/snapshots/{}", verified.state_hash)))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), error.code.as_str()),
+        (500, "snapshot_damaged")
+    );
+
+    // An upload must hash to its address.
+    let put = reqwest::Client::new()
+        .put(broker.at(&format!("/v1/snapshots/{}", "0".repeat(64))))
+        .body(b"not that".to_vec())
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = error_of(put).await;
+    assert_eq!(
+        (status.as_u16(), error.code.as_str()),
+        (400, "invalid_snapshot")
+    );
+    drop(fresh);
+    // With Bootstrap::Verified, a refused snapshot means a full replay, to the same state.
+    let (d, _stop_d) = start(
+        builder(&broker, "d", dirs[3].path())
+            .bootstrap(Bootstrap::Verified)
+            .build()
+            .unwrap(),
+    );
+    reaches(&d, tail[9].position, "d replays everything").await;
+    assert_eq!(d.read(|s, _| s.clone()), sums(1..=310));
+}
