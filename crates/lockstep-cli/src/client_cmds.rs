@@ -131,6 +131,9 @@ pub struct TailArgs {
     /// Stop after this many events.
     #[arg(long, short = 'n')]
     limit: Option<u64>,
+    /// Show events superseded by rollbacks too (marked SUPERSEDED).
+    #[arg(long)]
+    include_superseded: bool,
 }
 
 /// `lockstep tail`.
@@ -142,6 +145,7 @@ pub async fn tail(url: &str, json: bool, args: TailArgs) -> anyhow::Result<()> {
         since: args.since,
         until: args.until,
         limit: Some(1000),
+        include_superseded: args.include_superseded,
         ..ReadRequest::default()
     };
     if args.follow {
@@ -186,11 +190,12 @@ fn print_event(out: &mut impl std::io::Write, event: &Event, json: bool) -> std:
     };
     writeln!(
         out,
-        "{:>8}  {}  {}  {}  {data}",
+        "{:>8}  {}  {}  {}  {data}{}",
         event.position,
         event.time.to_rfc3339_opts(SecondsFormat::Millis, true),
         event.event_type,
         event.key.as_deref().unwrap_or("-"),
+        if event.superseded { "  SUPERSEDED" } else { "" },
     )
 }
 

@@ -6,6 +6,7 @@
 
 mod bench;
 mod client_cmds;
+mod rollback;
 mod serve;
 mod subs;
 mod verify;
@@ -46,7 +47,8 @@ enum Command {
     Head,
     /// Subscriptions: list (default), add, rm, show.
     Subs(subs::SubsArgs),
-    /// Whether every service's replicas hold the same state; exits 1 on divergence.
+    /// Whether every service's replicas hold the same state; exits 1 on divergence, 2 on an
+    /// error such as an unreachable broker.
     Verify {
         /// Only this service.
         #[arg(long)]
@@ -56,9 +58,23 @@ enum Command {
     Barrier,
     /// One screen for an operator: head, subscriptions and lag, verification, marks.
     Status,
-    /// Named, immutable positions ("known good"): create, ls.
+    /// Named, immutable positions ("known good"): create, ls, rm.
     #[command(subcommand)]
     Mark(verify::MarkCommand),
+    /// Return every replica to a mark or position; the events after it are superseded.
+    Rollback(rollback::RollbackArgs),
+    /// List the rollbacks and how many events they superseded.
+    Rollbacks,
+    /// Make publishes wait (503 + Retry-After), e.g. around a rollback.
+    Pause {
+        /// Why, shown to publishers.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// End a pause.
+    Resume,
+    /// Publish superseded events again, as new events at the head.
+    Redrive(rollback::RedriveArgs),
     /// Measure the broker: publish throughput and latency, catch-up reads, subscription fan-out.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -91,14 +107,26 @@ fn main() -> ExitCode {
             Command::Barrier => verify::barrier(&client_url(), cli.json).await,
             Command::Status => verify::status(&client_url(), cli.json).await,
             Command::Mark(command) => verify::mark(&client_url(), cli.json, command).await,
+            Command::Rollback(args) => rollback::rollback(&client_url(), cli.json, args).await,
+            Command::Rollbacks => rollback::list(&client_url(), cli.json).await,
+            Command::Pause { reason } => {
+                rollback::pause(&client_url(), cli.json, Some(reason)).await
+            }
+            Command::Resume => rollback::pause(&client_url(), cli.json, None).await,
+            Command::Redrive(args) => rollback::redrive(&client_url(), cli.json, args).await,
             Command::Bench(command) => bench::run(cli.url.as_deref(), cli.json, command).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // 1 means "the replicas diverged", a finding; 2 means the command failed.
+        Err(e) if e.downcast_ref::<verify::Diverged>().is_some() => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }

@@ -1,6 +1,5 @@
 //! `lockstep verify` and `lockstep barrier`: are the replicas in step?
 
-use anyhow::bail;
 use lockstep::{Client, MarkAt, MarkAtName, Verdict};
 
 /// `lockstep mark …`.
@@ -17,7 +16,17 @@ pub enum MarkCommand {
     },
     /// List the marks.
     Ls,
+    /// Remove a mark (nothing else changes).
+    Rm {
+        /// The mark's name.
+        name: String,
+    },
 }
+
+/// The finding `lockstep verify` exits 1 with: replicas hold different states.
+#[derive(Debug, thiserror::Error)]
+#[error("DIVERGED: {0}")]
+pub struct Diverged(String);
 
 /// Runs a mark command.
 pub async fn mark(url: &str, json: bool, command: MarkCommand) -> anyhow::Result<()> {
@@ -38,6 +47,12 @@ pub async fn mark(url: &str, json: bool, command: MarkCommand) -> anyhow::Result
                 println!("{}", serde_json::to_string(&mark)?);
             } else {
                 println!("mark {} at position {}", mark.name, mark.position);
+            }
+        }
+        MarkCommand::Rm { name } => {
+            client.remove_mark(&name).await?;
+            if !json {
+                println!("mark {name} removed");
             }
         }
         MarkCommand::Ls => {
@@ -109,7 +124,7 @@ pub async fn verify(url: &str, json: bool, service: Option<&str>) -> anyhow::Res
         })
         .collect();
     if !diverged.is_empty() {
-        bail!("replicas diverged: {}", diverged.join("; "));
+        return Err(Diverged(format!("replicas diverged: {}", diverged.join("; "))).into());
     }
     Ok(())
 }
@@ -125,19 +140,24 @@ pub async fn barrier(url: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `lockstep status`: one screen for an operator: the log, subscriptions, verification, marks.
+/// `lockstep status`: one screen for an operator: the log, subscriptions, verification, marks,
+/// rollbacks, and whether publishing is paused.
 pub async fn status(url: &str, json: bool) -> anyhow::Result<()> {
     let client = Client::new(url)?;
     let head = client.head().await?;
     let subs = client.subscriptions().await?;
     let verification = client.verify(None).await?;
     let marks = client.marks().await?;
+    let rollbacks = client.rollbacks().await?;
+    let pause = client.pause_state().await?;
     if json {
         let all = serde_json::json!({
             "head": head,
+            "paused": pause,
             "subscriptions": subs.subscriptions,
             "verification": verification.services,
             "marks": marks.marks,
+            "rollbacks": rollbacks,
         });
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(());
@@ -145,6 +165,21 @@ pub async fn status(url: &str, json: bool) -> anyhow::Result<()> {
     let time = head.time.map_or_else(|| "-".to_owned(), |t| t.to_rfc3339());
     println!("log        head {} at {time}", head.position);
     println!("           hash {}", head.hash);
+    if pause.paused {
+        println!(
+            "           PUBLISHING PAUSED since {}{}",
+            pause
+                .since
+                .map_or_else(|| "-".to_owned(), |t| t.to_rfc3339()),
+            pause
+                .reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+    } else {
+        println!("           publishing open");
+    }
     println!();
     println!("subscriptions ({})", subs.subscriptions.len());
     for s in &subs.subscriptions {
@@ -199,6 +234,27 @@ pub async fn status(url: &str, json: bool) -> anyhow::Result<()> {
     println!("marks ({})", marks.marks.len());
     for m in &marks.marks {
         println!("  {} at {}", m.name, m.position);
+    }
+    println!();
+    println!(
+        "rollbacks ({}, {} events superseded)",
+        rollbacks.rollbacks.len(),
+        rollbacks.superseded_events
+    );
+    for r in &rollbacks.rollbacks {
+        println!(
+            "  at {} to {}{}{}",
+            r.position,
+            r.target,
+            r.mark
+                .as_deref()
+                .map(|m| format!(" (mark {m})"))
+                .unwrap_or_default(),
+            r.reason
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        );
     }
     Ok(())
 }

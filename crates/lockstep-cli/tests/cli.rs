@@ -185,7 +185,12 @@ fn verify_prints_a_table_and_exits_1_on_divergence() {
     assert!(stdout(&out).contains("verified"));
     post("b-3", 'b');
     let out = run(url, &["verify"]);
-    assert_one_line_error(&out, "replicas diverged: bank (b-3)");
+    assert_eq!(out.status.code(), Some(1), "divergence exits 1");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim(), "DIVERGED: replicas diverged: bank (b-3)");
+    let unreachable = run("http://127.0.0.1:1", &["verify"]);
+    assert_eq!(unreachable.status.code(), Some(2), "an error exits 2");
+    assert_one_line_error(&unreachable, "unreachable");
     let table = stdout(&out);
     let b3 = table.lines().find(|l| l.contains("b-3")).unwrap();
     assert!(b3.contains("DIVERGED") && b3.contains("NO"), "{table}");
@@ -213,5 +218,72 @@ fn verify_prints_a_table_and_exits_1_on_divergence() {
             "{needle:?} missing from:\n{screen}"
         );
     }
+    broker.terminate();
+}
+
+#[test]
+fn rollback_pause_redrive_and_marks_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let url = broker.url.as_str();
+    for n in 1..=3 {
+        let data = format!("{{\"n\":{n}}}");
+        let out = run(url, &["publish", "good.thing", &data]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let out = run(url, &["mark", "create", "good", "--at", "head"]);
+    assert!(out.status.success(), "{out:?}");
+    for n in 4..=5 {
+        let data = format!("{{\"n\":{n}}}");
+        run(url, &["publish", "bad.thing", &data]);
+    }
+    let out = run(url, &["rollback", "--to", "good", "--reason", "bad deploy"]);
+    assert_eq!(
+        stdout(&out).trim(),
+        "rolled back to position 3 (mark good): record at 6, 2 events superseded"
+    );
+    assert_one_line_error(&run(url, &["rollback", "--to", "nope"]), "no mark named");
+    assert_one_line_error(&run(url, &["rollback", "--to", "4"]), "superseded");
+
+    let live = stdout(&run(url, &["tail"]));
+    assert!(!live.contains("bad.thing"), "{live}");
+    let audit = stdout(&run(url, &["tail", "--include-superseded"]));
+    assert_eq!(
+        audit.lines().filter(|l| l.ends_with("SUPERSEDED")).count(),
+        2,
+        "{audit}"
+    );
+    let list = stdout(&run(url, &["rollbacks"]));
+    assert!(
+        list.contains("bad deploy") && list.contains("2 events superseded"),
+        "{list}"
+    );
+
+    let out = run(url, &["pause", "--reason", "maintenance"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_one_line_error(&run(url, &["publish", "x.y", "{}"]), "paused");
+    let screen = stdout(&run(url, &["status"]));
+    for needle in [
+        "PUBLISHING PAUSED",
+        "maintenance",
+        "rollbacks (1, 2 events superseded)",
+    ] {
+        assert!(
+            screen.contains(needle),
+            "{needle:?} missing from:\n{screen}"
+        );
+    }
+    run(url, &["resume"]);
+    let out = run(url, &["redrive", "--from", "4", "--to", "5"]);
+    assert!(
+        stdout(&out).contains("2 events redriven, 0 left out"),
+        "{out:?}"
+    );
+    let live = stdout(&run(url, &["tail"]));
+    assert_eq!(live.lines().filter(|l| l.contains("bad.thing")).count(), 2);
+
+    let out = run(url, &["mark", "rm", "good"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_one_line_error(&run(url, &["mark", "rm", "good"]), "no mark named");
     broker.terminate();
 }
