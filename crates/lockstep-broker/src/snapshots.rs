@@ -45,6 +45,14 @@ impl SnapshotBlobs {
         let dir = data_dir.join("snapshots");
         std::fs::create_dir_all(&dir)
             .map_err(|e| StoreError::new(format!("creating {}: {e}", dir.display())))?;
+        // Uploads cut short by a crash leave temp files; they were never acknowledged.
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| StoreError::new(format!("listing {}: {e}", dir.display())))?;
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().ends_with(".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         Ok(Self { dir })
     }
 

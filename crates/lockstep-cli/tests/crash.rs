@@ -1,6 +1,6 @@
 //! Durability under kill -9: a broker child process is killed with SIGKILL while many clients
 //! publish; after restart every acknowledged event is present at its position with the same hash,
-//! and the chain verifies end to end.
+//! and the chain verifies end to end. The same for rollbacks and snapshot uploads.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -10,16 +10,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::BrokerProcess;
-use lockstep::{Client, Event, GENESIS_HASH, NewEvent, PublishAck, ReadRequest};
+use lockstep::{
+    Client, Event, GENESIS_HASH, NewEvent, PublishAck, ReadRequest, Rollback, RollbackTo,
+};
 
 const PUBLISHERS: usize = 24;
 const KILL_CYCLES: usize = 3;
 
-/// Reads the whole log and checks the chain from the genesis hash.
+/// Reads the whole log, superseded events included, and checks the chain from the genesis hash.
 async fn read_and_verify(client: &Client) -> Vec<Event> {
     let mut events = Vec::new();
     let mut prev = GENESIS_HASH;
-    let mut request = ReadRequest::after(0).limit(10_000);
+    let mut request = ReadRequest::after(0).limit(10_000).include_superseded();
     loop {
         let page = client.read(&request).await.unwrap();
         if page.events.is_empty() {
@@ -150,6 +152,114 @@ async fn acknowledged_events_survive_sigkill() {
             .map(|e| &e.hash)
             .collect::<Vec<_>>(),
         &events.iter().map(|e| &e.hash).collect::<Vec<_>>()
+    );
+    broker.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_rollbacks_and_snapshots_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let client = Client::new(&broker.url).unwrap();
+    let first: Vec<NewEvent> = (0..100)
+        .map(|n| NewEvent::json("crash.tested", &serde_json::json!({"n": n})).unwrap())
+        .collect();
+    client.publish(&first).await.unwrap();
+    let rollbacks: Arc<Mutex<Vec<Rollback>>> = Arc::default();
+    let blobs: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in 0..8 {
+        let client = client.clone();
+        tasks.spawn(async move {
+            for n in 0.. {
+                let event = NewEvent::json("crash.tested", &serde_json::json!({"p": p, "n": n}));
+                if client.publish_one(&event.unwrap()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    {
+        let (client, rollbacks) = (client.clone(), Arc::clone(&rollbacks));
+        tasks.spawn(async move {
+            loop {
+                let Ok(head) = client.head().await else { break };
+                match client
+                    .rollback(RollbackTo::Position(head.position - 3), Some("crash test"))
+                    .await
+                {
+                    Ok(r) => rollbacks.lock().unwrap().push(r),
+                    // A target another rollback superseded meanwhile: pick again.
+                    Err(e) if e.is_conflict() => {}
+                    Err(_) => break,
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+    }
+    {
+        let (client, blobs) = (client.clone(), Arc::clone(&blobs));
+        tasks.spawn(async move {
+            for i in 0.. {
+                let bytes = format!("state {i} ").repeat(50_000).into_bytes();
+                match client.upload_snapshot(bytes).await {
+                    Ok(hash) => blobs.lock().unwrap().push(hash),
+                    Err(_) => break,
+                }
+            }
+        });
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while rollbacks.lock().unwrap().len() < 20 || blobs.lock().unwrap().len() < 10 {
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    broker.kill9();
+    while tasks.join_next().await.is_some() {}
+
+    let broker = BrokerProcess::start(dir.path());
+    let client = Client::new(&broker.url).unwrap();
+    let all = read_and_verify(&client).await;
+    let stored = client.rollbacks().await.unwrap();
+    let acked = rollbacks.lock().unwrap().clone();
+    for r in &acked {
+        assert!(
+            stored
+                .rollbacks
+                .iter()
+                .any(|s| (s.position, s.target) == (r.position, r.target)),
+            "acknowledged rollback at {} lost",
+            r.position
+        );
+        for p in r.target + 1..r.position {
+            assert!(all[p as usize - 1].superseded, "position {p} is superseded");
+        }
+    }
+    let superseded = all.iter().filter(|e| e.superseded).count() as u64;
+    assert_eq!(superseded, stored.superseded_events);
+    let mut live = Vec::new();
+    let mut request = ReadRequest::after(0).limit(10_000);
+    loop {
+        let page = client.read(&request).await.unwrap();
+        if page.events.is_empty() {
+            break;
+        }
+        request.after = page.next_after;
+        live.extend(page.events);
+    }
+    assert_eq!(live.len() + superseded as usize, all.len());
+    assert!(live.iter().all(|e| !e.superseded));
+    for hash in blobs.lock().unwrap().iter() {
+        client.download_snapshot(hash).await.unwrap();
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("snapshots"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "partial uploads are cleaned up: {leftovers:?}"
     );
     broker.terminate();
 }
