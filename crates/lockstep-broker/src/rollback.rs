@@ -187,7 +187,7 @@ impl Broker {
         let superseded = log.superseded();
         let except: HashSet<String> = request.except.into_iter().collect();
         let (from, to) = (request.from, request.to);
-        let task = move || -> Result<Result<(Vec<Draft>, Vec<u64>, usize), String>, StoreError> {
+        let task = move || -> Result<Result<Selection, String>, StoreError> {
             let mut drafts = Vec::new();
             let mut originals = Vec::new();
             let mut excepted = 0;
@@ -244,6 +244,9 @@ impl Broker {
         Ok(RedriveResult { redriven, excepted })
     }
 }
+
+/// What a redrive publishes: the drafts, their originals' positions, and how many were left out.
+type Selection = (Vec<Draft>, Vec<u64>, usize);
 
 /// The id of a redriven event: derived from the original's position, so a second redrive of the
 /// same event is recognised as a duplicate.

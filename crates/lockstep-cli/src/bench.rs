@@ -4,6 +4,7 @@
 //! on its own runtime threads, so client and broker share the machine as they would on one host.
 //! Every publish is durable (fsynced before it is acknowledged), exactly as in production.
 
+mod consistency;
 mod fanout;
 mod replay;
 
@@ -82,6 +83,10 @@ pub enum BenchCommand {
     },
     /// Replica catch-up through the SDK runtime, and snapshot/restore of a large state.
     Replay(replay::ReplayOptions),
+    /// Three replicas rolling back to a mark over many superseded events.
+    Rollback(consistency::RollbackOptions),
+    /// A new replica bootstrapping from the verified snapshot vs replaying the whole history.
+    Bootstrap(consistency::BootstrapOptions),
 }
 
 /// Runs a benchmark against `url`, or against an embedded broker when `url` is `None`.
@@ -184,6 +189,8 @@ pub async fn run(url: Option<&str>, json: bool, command: BenchCommand) -> anyhow
             fanout::run(&client, &options, json).await
         }
         BenchCommand::Replay(options) => replay::run(&client, &options, json).await,
+        BenchCommand::Rollback(options) => consistency::rollback(&client, &options, json).await,
+        BenchCommand::Bootstrap(options) => consistency::bootstrap(&client, &options, json).await,
     }
 }
 

@@ -171,6 +171,7 @@ impl RuntimeBuilder {
                 service,
                 replica: replica_id,
                 settings: self,
+                uploading: Arc::default(),
             },
             replica,
             position: std::sync::atomic::AtomicU64::new(position),
@@ -323,6 +324,7 @@ impl<R: Replica> Runtime<R> {
             service: self.service.clone(),
             replica: self.replica.clone(),
             settings: self.settings.clone(),
+            uploading: Arc::default(),
         };
         driver.run(&self, shutdown).await
     }
@@ -510,6 +512,9 @@ struct Driver {
     service: String,
     replica: String,
     settings: RuntimeBuilder,
+    /// True while a snapshot upload runs: barriers during it upload nothing (a replica catching
+    /// up passes many barriers; only the state it settles at matters).
+    uploading: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Driver {
@@ -632,17 +637,23 @@ impl Driver {
         if let Err(e) = self.client.report_state(&report).await {
             tracing::warn!(error = %e, position, "could not report the state hash at a barrier");
         }
-        if self.settings.upload_snapshots {
-            let client = self.client.clone();
+        let idle = !self
+            .uploading
+            .swap(true, std::sync::atomic::Ordering::AcqRel);
+        if self.settings.upload_snapshots && idle {
+            let (client, uploading) = (self.client.clone(), Arc::clone(&self.uploading));
             tokio::spawn(async move {
                 let hash = snapshot.state_hash_hex();
-                if matches!(client.has_snapshot(&hash).await, Ok(true)) {
-                    return;
-                }
-                if let Err(e) = client.upload_snapshot(snapshot.bytes).await {
+                if !matches!(client.has_snapshot(&hash).await, Ok(true))
+                    && let Err(e) = client.upload_snapshot(snapshot.bytes).await
+                {
                     tracing::warn!(error = %e, position, "could not upload the snapshot");
                 }
+                uploading.store(false, std::sync::atomic::Ordering::Release);
             });
+        } else if idle {
+            self.uploading
+                .store(false, std::sync::atomic::Ordering::Release);
         }
         Ok(())
     }
@@ -689,12 +700,25 @@ impl Driver {
                 "the replica restored position {restored}, after the target {to}"
             )));
         }
-        // Replay the live events up to the target; reads skip superseded ones.
-        let mut pages = self.client.pages(
-            ReadRequest::after(restored)
-                .types(self.settings.types.join(","))
-                .limit(10_000),
-        );
+        // Replay the live events up to the target; reads skip superseded ones. From the empty
+        // state, that starts where the replica's history starts.
+        let mut request = ReadRequest::after(restored)
+            .types(self.settings.types.join(","))
+            .limit(10_000);
+        if restored == 0 {
+            match &self.settings.start {
+                Start::Named(StartName::Beginning) => {}
+                Start::Position { position } => request.after = position.saturating_sub(1),
+                Start::Time { time } => request.since = Some(*time),
+                Start::Named(StartName::Now) => {
+                    return Err(RuntimeError::Rollback(format!(
+                        "no snapshot at or before position {to}, and this replica's history \
+                         starts at 'now': its state there cannot be rebuilt"
+                    )));
+                }
+            }
+        }
+        let mut pages = self.client.pages(request);
         'pages: while let Some(page) = pages.next().await {
             let page = page?;
             for event in &page.events {
