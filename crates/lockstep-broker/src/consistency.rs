@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use lockstep_proto::consistency::{
-    BARRIER_TYPE, CreateMark, Mark, MarkAt, MarkAtName, MarkList, PauseState, ReplicaStanding,
-    ServiceVerification, StateReport, Verdict, Verification,
+    BARRIER_TYPE, CreateMark, EXPLAIN_BUCKETS, EntriesReport, Mark, MarkAt, MarkAtName, MarkList,
+    PauseState, ReplicaStanding, ReportAnswer, ServiceVerification, StateReport, Verdict,
+    Verification,
 };
 use lockstep_proto::record::ChainHash;
 use lockstep_proto::subscription::validate_name;
@@ -27,8 +28,19 @@ use crate::error::StoreError;
 /// Reports as verification reads them: service → barrier position → replica → state hash.
 pub(crate) type ReportMap = BTreeMap<String, BTreeMap<u64, BTreeMap<String, [u8; 32]>>>;
 
-/// (service, barrier position, replica) → state hash ‖ chain hash ‖ reported at (ns, BE).
+/// (service, barrier position, replica) → state hash ‖ chain hash ‖ reported at (ns, BE)
+/// [‖ the [`EXPLAIN_BUCKETS`] bucket hashes, when the replica sent them].
 const REPORTS: TableDefinition<(&str, u64, &str), &[u8]> = TableDefinition::new("reports");
+
+/// (service, barrier position, replica) → the replica's entries of some buckets there, as the
+/// JSON of an [`EntriesReport`] (for `verify --explain`).
+const ENTRIES: TableDefinition<(&str, u64, &str), &[u8]> = TableDefinition::new("entries");
+
+/// One replica's report at a barrier, as explaining reads it.
+pub(crate) struct StoredReport {
+    pub(crate) state: [u8; 32],
+    pub(crate) buckets: Option<Vec<[u8; 32]>>,
+}
 
 /// name → (position, created at ns).
 const MARKS: TableDefinition<&str, (u64, i64)> = TableDefinition::new("marks");
@@ -39,6 +51,9 @@ const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 /// Stored state-hash reports and marks.
 pub struct Reports {
     db: Database,
+    /// Per service, barriers whose divergence the broker wants entries for, with the buckets
+    /// that differ there (the latest few; rebuilt from reports after a restart).
+    pub(crate) wanted: std::sync::Mutex<BTreeMap<String, BTreeMap<u64, Vec<u32>>>>,
 }
 
 impl Reports {
@@ -51,8 +66,87 @@ impl Reports {
         txn.open_table(REPORTS)?;
         txn.open_table(MARKS)?;
         txn.open_table(SETTINGS)?;
+        txn.open_table(ENTRIES)?;
         txn.commit()?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            wanted: std::sync::Mutex::default(),
+        })
+    }
+
+    /// Every replica's report at one barrier of a service.
+    pub(crate) fn at_barrier(
+        &self,
+        service: &str,
+        position: u64,
+    ) -> Result<BTreeMap<String, StoredReport>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(REPORTS)?;
+        let mut out = BTreeMap::new();
+        for entry in table.range((service, position, "")..)? {
+            let (key, value) = entry?;
+            let (s, p, replica) = key.value();
+            if s != service || p != position {
+                break;
+            }
+            let value = value.value();
+            let mut state = [0; 32];
+            state.copy_from_slice(
+                value
+                    .get(..32)
+                    .ok_or_else(|| StoreError::new("short report"))?,
+            );
+            let buckets = value.get(72..).filter(|b| !b.is_empty()).map(|b| {
+                b.chunks_exact(32)
+                    .map(|c| {
+                        let mut h = [0; 32];
+                        h.copy_from_slice(c);
+                        h
+                    })
+                    .collect()
+            });
+            out.insert(replica.to_owned(), StoredReport { state, buckets });
+        }
+        Ok(out)
+    }
+
+    /// Stores a replica's entries of some buckets at a barrier.
+    pub(crate) fn store_entries(&self, report: &EntriesReport) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(report)
+            .map_err(|e| StoreError::new(format!("encoding entries: {e}")))?;
+        let txn = self.db.begin_write()?;
+        txn.open_table(ENTRIES)?.insert(
+            (
+                report.service.as_str(),
+                report.position,
+                report.replica.as_str(),
+            ),
+            bytes.as_slice(),
+        )?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Every replica's entries at one barrier of a service.
+    pub(crate) fn entries_at(
+        &self,
+        service: &str,
+        position: u64,
+    ) -> Result<BTreeMap<String, EntriesReport>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ENTRIES)?;
+        let mut out = BTreeMap::new();
+        for entry in table.range((service, position, "")..)? {
+            let (key, value) = entry?;
+            let (s, p, replica) = key.value();
+            if s != service || p != position {
+                break;
+            }
+            let report: EntriesReport = serde_json::from_slice(value.value())
+                .map_err(|e| StoreError::new(format!("stored entries: {e}")))?;
+            out.insert(replica.to_owned(), report);
+        }
+        Ok(out)
     }
 
     /// The stored pause state (not paused when none is stored).
@@ -87,11 +181,15 @@ impl Reports {
         report: &StateReport,
         state: [u8; 32],
         chain: [u8; 32],
+        buckets: &[[u8; 32]],
     ) -> Result<(), StoreError> {
-        let mut value = Vec::with_capacity(72);
+        let mut value = Vec::with_capacity(72 + 32 * buckets.len());
         value.extend_from_slice(&state);
         value.extend_from_slice(&chain);
         value.extend_from_slice(&Utc::now().timestamp_nanos_opt().unwrap_or(0).to_be_bytes());
+        for bucket in buckets {
+            value.extend_from_slice(bucket);
+        }
         let txn = self.db.begin_write()?;
         {
             let mut table = txn.open_table(REPORTS)?;
@@ -214,6 +312,18 @@ pub enum ReportError {
     Store(#[from] StoreError),
 }
 
+/// The majority among state hashes; ties go to the smallest hash, so every reader agrees.
+pub(crate) fn majority<'a>(hashes: impl IntoIterator<Item = &'a [u8; 32]>) -> Option<[u8; 32]> {
+    let mut counts: BTreeMap<[u8; 32], usize> = BTreeMap::new();
+    for hash in hashes {
+        *counts.entry(*hash).or_default() += 1;
+    }
+    counts
+        .iter()
+        .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+        .map(|(hash, _)| *hash)
+}
+
 /// The verdicts over `reports` (see the module documentation).
 fn verify(reports: &ReportMap) -> Vec<ServiceVerification> {
     let hex = |h: &[u8; 32]| blake3::Hash::from_bytes(*h).to_hex().to_string();
@@ -232,16 +342,8 @@ fn verify(reports: &ReportMap) -> Vec<ServiceVerification> {
                 if by_replica.len() < 2 {
                     continue;
                 }
-                // The majority hash; ties go to the smallest hash, so every reader agrees.
-                let mut counts: BTreeMap<[u8; 32], usize> = BTreeMap::new();
-                for hash in by_replica.values() {
-                    *counts.entry(*hash).or_default() += 1;
-                }
-                let majority = counts
-                    .iter()
-                    .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
-                    .map(|(hash, _)| *hash)
-                    .unwrap_or_default();
+                let distinct: std::collections::BTreeSet<&[u8; 32]> = by_replica.values().collect();
+                let majority = majority(by_replica.values()).unwrap_or_default();
                 majority_at.insert(position, majority);
                 for (replica, hash) in by_replica {
                     if *hash != majority {
@@ -249,7 +351,7 @@ fn verify(reports: &ReportMap) -> Vec<ServiceVerification> {
                     }
                 }
                 last_compared = Some(position);
-                if counts.len() == 1 {
+                if distinct.len() == 1 {
                     last_verified = Some(position);
                 }
             }
@@ -290,8 +392,9 @@ impl Broker {
         Ok(ack.position)
     }
 
-    /// Stores a replica's state-hash report.
-    pub async fn report(&self, report: StateReport) -> Result<(), ReportError> {
+    /// Stores a replica's state-hash report; answers with the entries the broker wants from it
+    /// to explain a divergence (see [`crate::explain`]).
+    pub async fn report(&self, report: StateReport) -> Result<ReportAnswer, ReportError> {
         validate_name("service", &report.service).map_err(ReportError::Invalid)?;
         validate_name("replica", &report.replica).map_err(ReportError::Invalid)?;
         let head = self.inner.log.tip().position;
@@ -308,11 +411,27 @@ impl Broker {
         };
         let state = parse("state_hash", &report.state_hash)?;
         let chain = parse("chain_hash", &report.chain_hash)?;
+        let buckets = match &report.buckets {
+            None => Vec::new(),
+            Some(list) if list.len() == EXPLAIN_BUCKETS => list
+                .iter()
+                .map(|h| parse("a bucket hash", h))
+                .collect::<Result<_, _>>()?,
+            Some(list) => {
+                return Err(ReportError::Invalid(format!(
+                    "buckets holds {} hashes, not {EXPLAIN_BUCKETS}",
+                    list.len()
+                )));
+            }
+        };
         let reports = std::sync::Arc::clone(&self.inner.reports);
-        tokio::task::spawn_blocking(move || reports.store(&report, state, chain))
-            .await
-            .map_err(|e| StoreError::new(format!("report task failed: {e}")))??;
-        Ok(())
+        let answer = tokio::task::spawn_blocking(move || {
+            reports.store(&report, state, chain, &buckets)?;
+            crate::explain::answer(&reports, &report)
+        })
+        .await
+        .map_err(|e| StoreError::new(format!("report task failed: {e}")))??;
+        Ok(answer)
     }
 
     /// Verification of every service (or one).

@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use chrono::DateTime;
 use lockstep_proto::TypeFilter;
 use lockstep_proto::consistency::{
-    CreateMark, PauseRequest, RedriveRequest, RollbackRequest, StateReport,
+    CreateMark, EntriesReport, PauseRequest, RedriveRequest, RollbackRequest, StateReport,
 };
 use lockstep_proto::subscription::{Ack, ReplicaStatus, SubscriptionSpec};
 use lockstep_proto::wire::{ErrorBody, ErrorDetail, write_publish_response};
@@ -42,6 +42,8 @@ pub fn router(broker: Broker) -> Router {
         .route("/v1/head", get(head))
         .route("/v1/barriers", post(barrier))
         .route("/v1/reports", post(report))
+        .route("/v1/reports/entries", post(report_entries))
+        .route("/v1/explain", get(explain))
         .route("/v1/verify", get(verify))
         .route("/v1/consistency", get(verify))
         .route("/v1/marks", get(list_marks).post(create_mark))
@@ -595,8 +597,35 @@ async fn report(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let report: StateReport = json_body(body)?;
-    broker.report(report).await?;
+    Ok(Json(broker.report(report).await?).into_response())
+}
+
+async fn report_entries(
+    State(broker): State<Broker>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let report: EntriesReport = json_body(body)?;
+    broker.report_entries(report).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExplainParams {
+    service: String,
+}
+
+async fn explain(
+    State(broker): State<Broker>,
+    params: Result<Query<ExplainParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) =
+        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let explanation = broker
+        .explain(&params.service)
+        .await
+        .map_err(|e| ApiError::internal("explaining failed", e))?;
+    Ok(Json(explanation).into_response())
 }
 
 impl From<ReportError> for ApiError {

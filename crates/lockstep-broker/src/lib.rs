@@ -9,6 +9,7 @@
 //! - [`delivery`]: pull delivery to subscriptions (pages, streams, acks) and their health.
 //! - [`push`]: push delivery: POSTing batches to subscribers' URLs, in order, with retries.
 //! - [`consistency`]: barriers, replicas' state-hash reports, verification, marks.
+//! - [`explain`]: which keys differ between replicas (`verify --explain`).
 //! - [`rollback`]: rollback records, superseded events, pause/resume, redrive.
 //! - [`snapshots`]: snapshot blobs uploaded by replicas, content-addressed by blake3.
 //! - [`log`]: the redb store and its group-committing writer thread.
@@ -30,6 +31,7 @@ pub mod config;
 pub mod consistency;
 pub mod delivery;
 pub mod error;
+pub mod explain;
 pub mod http;
 pub mod log;
 pub mod metrics;

@@ -53,6 +53,9 @@ enum Command {
         /// Only this service.
         #[arg(long)]
         service: Option<String>,
+        /// Also name the keys whose values differ, and the events that touched them.
+        #[arg(long)]
+        explain: bool,
     },
     /// Append a barrier now: every replica reports its state hash there.
     Barrier,
@@ -101,8 +104,8 @@ fn main() -> ExitCode {
             Command::Tail(args) => client_cmds::tail(&client_url(), cli.json, args).await,
             Command::Head => client_cmds::head(&client_url(), cli.json).await,
             Command::Subs(args) => subs::run(&client_url(), cli.json, args).await,
-            Command::Verify { service } => {
-                verify::verify(&client_url(), cli.json, service.as_deref()).await
+            Command::Verify { service, explain } => {
+                verify::verify(&client_url(), cli.json, service.as_deref(), explain).await
             }
             Command::Barrier => verify::barrier(&client_url(), cli.json).await,
             Command::Status => verify::status(&client_url(), cli.json).await,

@@ -75,10 +75,32 @@ pub async fn mark(url: &str, json: bool, command: MarkCommand) -> anyhow::Result
     Ok(())
 }
 
-/// Prints each service's verdict and its replicas; fails (exit 1) when any service diverged.
-pub async fn verify(url: &str, json: bool, service: Option<&str>) -> anyhow::Result<()> {
-    let verification = Client::new(url)?.verify(service).await?;
-    if json {
+/// Prints each service's verdict and its replicas, and with `explain` the keys that differ;
+/// fails (exit 1) when any service diverged.
+pub async fn verify(
+    url: &str,
+    json: bool,
+    service: Option<&str>,
+    explain: bool,
+) -> anyhow::Result<()> {
+    let client = Client::new(url)?;
+    let verification = client.verify(service).await?;
+    let mut explanations = Vec::new();
+    if explain {
+        for s in &verification.services {
+            if s.verdict == Verdict::Diverged {
+                explanations.push(client.explain(&s.service).await?);
+            }
+        }
+    }
+    if json && explain {
+        let all = serde_json::json!({
+            "services": verification.services,
+            "at": verification.at,
+            "explanations": explanations,
+        });
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else if json {
         println!("{}", serde_json::to_string_pretty(&verification)?);
     } else if verification.services.is_empty() {
         println!("no state reports yet: replicas report at barriers (lockstep barrier)");
@@ -109,6 +131,11 @@ pub async fn verify(url: &str, json: bool, service: Option<&str>) -> anyhow::Res
             }
         }
     }
+    if !json {
+        for e in &explanations {
+            print_explanation(e);
+        }
+    }
     let diverged: Vec<String> = verification
         .services
         .iter()
@@ -127,6 +154,52 @@ pub async fn verify(url: &str, json: bool, service: Option<&str>) -> anyhow::Res
         return Err(Diverged(format!("replicas diverged: {}", diverged.join("; "))).into());
     }
     Ok(())
+}
+
+fn print_explanation(e: &lockstep::Explanation) {
+    let short = |h: &Option<String>| {
+        h.as_deref()
+            .map_or("(none)".to_owned(), |h| h[..12.min(h.len())].to_owned())
+    };
+    println!();
+    let Some(barrier) = e.barrier else {
+        println!(
+            "{}: {}",
+            e.service,
+            e.note.as_deref().unwrap_or("nothing to explain")
+        );
+        return;
+    };
+    println!(
+        "{} at barrier {barrier}: majority {}",
+        e.service,
+        e.majority.join(", ")
+    );
+    for odd in &e.odd {
+        println!("  {} differs in {} key(s):", odd.replica, odd.keys.len());
+        for k in &odd.keys {
+            let touched: Vec<String> = k.touched_by.iter().map(u64::to_string).collect();
+            println!(
+                "    {:<24} majority {}  {} {}  touched by events at {}",
+                k.key,
+                short(&k.majority),
+                odd.replica,
+                short(&k.replica),
+                if touched.is_empty() {
+                    "-".to_owned()
+                } else {
+                    touched.join(", ")
+                }
+            );
+        }
+    }
+    if !e.waiting_for.is_empty() {
+        println!(
+            "  waiting for entries from {} (sent at their next barrier; the replica must \
+             implement Replica::entries)",
+            e.waiting_for.join(", ")
+        );
+    }
 }
 
 /// Appends a barrier and prints its position.

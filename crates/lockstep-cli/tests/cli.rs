@@ -175,6 +175,7 @@ fn verify_prints_a_table_and_exits_1_on_divergence() {
             position,
             state_hash: hash.to_string().repeat(64),
             chain_hash: "0".repeat(64),
+            buckets: None,
         };
         runtime.block_on(client.report_state(&report)).unwrap();
     };

@@ -20,6 +20,122 @@ pub struct StateReport {
     pub state_hash: String,
     /// Chain hash at `position`, hex.
     pub chain_hash: String,
+    /// For forensics, where the state is a map: [`EXPLAIN_BUCKETS`] hashes (hex) of the state's
+    /// entries grouped by [`bucket_of`] their key, so the broker can tell which buckets differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<Vec<String>>,
+}
+
+/// Buckets a keyed state's entries are hashed in for `verify --explain`.
+pub const EXPLAIN_BUCKETS: usize = 64;
+
+/// The bucket of a state entry's key.
+pub fn bucket_of(key: &str) -> u32 {
+    u32::from(blake3::hash(key.as_bytes()).as_bytes()[0]) % EXPLAIN_BUCKETS as u32
+}
+
+/// The bucket hashes of keyed entries `(key, blake3 of the value)`: per bucket, blake3 over its
+/// entries in key order (key length, key, value hash).
+pub fn bucket_hashes(entries: &[(String, [u8; 32])]) -> Vec<[u8; 32]> {
+    let mut sorted: Vec<&(String, [u8; 32])> = entries.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut hashers: Vec<blake3::Hasher> = (0..EXPLAIN_BUCKETS)
+        .map(|_| blake3::Hasher::new())
+        .collect();
+    for (key, value) in sorted {
+        let hasher = &mut hashers[bucket_of(key) as usize];
+        hasher.update(&(key.len() as u64).to_le_bytes());
+        hasher.update(key.as_bytes());
+        hasher.update(value);
+    }
+    hashers.iter().map(|h| *h.finalize().as_bytes()).collect()
+}
+
+/// The broker's answer to a report: entries it asks this replica for, to explain a divergence.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportAnswer {
+    /// Send the entries of these buckets at these barriers (`POST /v1/reports/entries`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub explain: Vec<ExplainRequest>,
+}
+
+/// Entries the broker asks a replica for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExplainRequest {
+    /// The barrier.
+    pub position: u64,
+    /// The buckets whose entries differ between replicas there.
+    pub buckets: Vec<u32>,
+}
+
+/// `POST /v1/reports/entries`: a replica's entries of some buckets at a barrier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntriesReport {
+    /// The service.
+    pub service: String,
+    /// The replica.
+    pub replica: String,
+    /// The barrier.
+    pub position: u64,
+    /// The buckets sent.
+    pub buckets: Vec<u32>,
+    /// Every entry of those buckets: key and blake3 of the value (hex).
+    pub entries: Vec<EntryHash>,
+}
+
+/// One state entry, hashed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryHash {
+    /// The entry's key.
+    pub key: String,
+    /// blake3 of its value's canonical bytes, hex.
+    pub hash: String,
+}
+
+/// `GET /v1/explain?service=S`: which keys differ between the majority and the odd replicas.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Explanation {
+    /// The service.
+    pub service: String,
+    /// The barrier compared: the latest at which replicas reporting bucket hashes disagreed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub barrier: Option<u64>,
+    /// The replicas that agree with the majority there.
+    pub majority: Vec<String>,
+    /// Per odd replica, the keys whose values differ.
+    pub odd: Vec<OddReplica>,
+    /// Replicas whose entries have not arrived yet (they send them at their next barrier).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for: Vec<String>,
+    /// Why there is nothing to explain, when there is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// One odd replica's differences from the majority.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OddReplica {
+    /// The replica.
+    pub replica: String,
+    /// The keys whose values differ (or exist on one side only), by key.
+    pub keys: Vec<KeyDifference>,
+}
+
+/// One key whose value differs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyDifference {
+    /// The key.
+    pub key: String,
+    /// The majority's value hash (absent: the majority has no such entry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub majority: Option<String>,
+    /// The odd replica's value hash (absent: it has no such entry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
+    /// Positions of the events with this key between the last barrier where this replica agreed
+    /// and the compared barrier: where to look for the bug.
+    pub touched_by: Vec<u64>,
 }
 
 /// How one service's replicas compare.

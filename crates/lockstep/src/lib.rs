@@ -36,9 +36,10 @@ mod subscription;
 
 pub use client::{Client, ClientError, Pages, ReadRequest};
 pub use lockstep_proto::consistency::{
-    BARRIER_TYPE, Mark, MarkAt, MarkAtName, MarkList, PauseState, ROLLBACK_TYPE, RedriveResult,
-    Redriven, ReplicaStanding, Rollback, RollbackData, RollbackList, RollbackTo,
-    ServiceVerification, StateReport, Verdict, Verification, VerifiedSnapshot,
+    BARRIER_TYPE, EntriesReport, EntryHash, Explanation, KeyDifference, Mark, MarkAt, MarkAtName,
+    MarkList, OddReplica, PauseState, ROLLBACK_TYPE, RedriveResult, Redriven, ReplicaStanding,
+    ReportAnswer, Rollback, RollbackData, RollbackList, RollbackTo, ServiceVerification,
+    StateReport, Verdict, Verification, VerifiedSnapshot,
 };
 pub use lockstep_proto::subscription::{
     End, PushFormat, Start, StartName, SubscriptionInfo, SubscriptionList, SubscriptionSpec,
@@ -50,7 +51,9 @@ pub use outbox::{DeadLetter, MAX_FLUSH_BATCH, Outbox, OutboxError, OutboxReceipt
 pub use publisher::{
     DEFAULT_MAX_BATCH, DEFAULT_MAX_IN_FLIGHT, DEFAULT_QUEUE_CAPACITY, Publisher, PublisherBuilder,
 };
-pub use replica::{ApplyError, EventMeta, Replica, decode_state, encode_state, state_hash};
+pub use replica::{
+    ApplyError, EventMeta, Replica, decode_state, encode_state, hash_entries, state_hash,
+};
 pub use runtime::{
     Bootstrap, ExternalReplica, ExternalRuntime, Runtime, RuntimeBuilder, RuntimeError, StateHandle,
 };

@@ -93,6 +93,28 @@ pub trait Replica: Send + Sync + 'static {
         event: Self::Event,
         meta: &EventMeta,
     ) -> Result<(), ApplyError>;
+
+    /// Forensics, optional: the state as keyed entries, `(key, blake3 of the value's bytes)`, so
+    /// that `lockstep verify --explain` can name the keys whose values differ between replicas.
+    /// For a map-shaped state, return `Some(hash_entries(state))`. Costs one pass over the
+    /// state at every barrier. Use the events' `key` as the entry key where you can: the broker
+    /// then also names the events that touched the differing entries.
+    fn entries(_state: &Self::State) -> Option<Vec<(String, [u8; 32])>> {
+        None
+    }
+}
+
+/// A map's entries, keyed by the keys' text and hashed by their values' canonical bytes: what
+/// [`Replica::entries`] returns for a map-shaped state.
+pub fn hash_entries<K: std::fmt::Display, V: Serialize>(
+    map: &std::collections::BTreeMap<K, V>,
+) -> Vec<(String, [u8; 32])> {
+    map.iter()
+        .map(|(k, v)| {
+            let bytes = encode_state(v).unwrap_or_default();
+            (k.to_string(), *blake3::hash(&bytes).as_bytes())
+        })
+        .collect()
 }
 
 /// Decodes an event for `R` from the log's type and data (`{"type": …, "data": …}`).

@@ -23,7 +23,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use lockstep_proto::consistency::{BARRIER_TYPE, ROLLBACK_TYPE, RollbackData, StateReport};
+use lockstep_proto::consistency::{
+    BARRIER_TYPE, EntriesReport, EntryHash, ROLLBACK_TYPE, RollbackData, StateReport,
+    bucket_hashes, bucket_of,
+};
 use lockstep_proto::names::is_reserved;
 use lockstep_proto::record::ChainHash;
 use lockstep_proto::subscription::{Start, StartName, Stuck, SubscriptionSpec};
@@ -450,6 +453,23 @@ impl<R: Replica> Target for Runtime<R> {
         Ok(Some(snapshot))
     }
 
+    async fn entries(
+        &self,
+        at: Option<u64>,
+    ) -> Result<Option<Vec<(String, [u8; 32])>>, RuntimeError> {
+        let Some(position) = at else {
+            return Ok(self.state.inner_read(|applied| R::entries(&applied.state)));
+        };
+        let store = Arc::clone(&self.store);
+        let snapshot = tokio::task::spawn_blocking(move || store.at(position))
+            .await
+            .map_err(|e| RuntimeError::Config(format!("snapshot task failed: {e}")))??;
+        match snapshot {
+            Some(snapshot) => Ok(R::entries(&decode_state::<R::State>(&snapshot.bytes)?)),
+            None => Ok(None),
+        }
+    }
+
     fn pin(&self, positions: Vec<u64>) {
         match self.pinned.lock() {
             Ok(mut guard) => *guard = positions,
@@ -501,6 +521,13 @@ trait Target: Sync {
     fn checkpoint(&self) -> impl Future<Output = Result<Option<Snapshot>, RuntimeError>> + Send;
     /// Keeps the snapshots at these positions (the broker's marks) from now on.
     fn pin(&self, positions: Vec<u64>);
+    /// The state's keyed entries (see [`Replica::entries`]): now (`None`), or as the local
+    /// snapshot at a position holds them; `None` where the replica reports none or the snapshot
+    /// is gone.
+    fn entries(
+        &self,
+        at: Option<u64>,
+    ) -> impl Future<Output = Result<Option<Vec<(String, [u8; 32])>>, RuntimeError>> + Send;
     /// Returns the state to the newest point at or before `target` it can restore; returns that
     /// point's position (0: the empty state). The runtime then replays the rest up to `target`.
     fn restore(&self, target: u64) -> impl Future<Output = Result<u64, RuntimeError>> + Send;
@@ -625,17 +652,53 @@ impl Driver {
         let Some(snapshot) = target.checkpoint().await? else {
             return Ok(());
         };
+        let entries = target.entries(None).await?;
+        let hex = |h: &[u8; 32]| blake3::Hash::from_bytes(*h).to_hex().to_string();
         let report = StateReport {
             service: self.service.clone(),
             replica: self.replica.clone(),
             position,
             state_hash: snapshot.state_hash_hex(),
-            chain_hash: blake3::Hash::from_bytes(snapshot.chain_hash)
-                .to_hex()
-                .to_string(),
+            chain_hash: hex(&snapshot.chain_hash),
+            buckets: entries
+                .as_deref()
+                .map(|e| bucket_hashes(e).iter().map(hex).collect()),
         };
-        if let Err(e) = self.client.report_state(&report).await {
-            tracing::warn!(error = %e, position, "could not report the state hash at a barrier");
+        match self.client.report_state(&report).await {
+            Ok(answer) => {
+                for request in answer.explain {
+                    let at = request.position;
+                    let found = if at == position {
+                        entries.clone()
+                    } else {
+                        target.entries(Some(at)).await?
+                    };
+                    let Some(found) = found else {
+                        tracing::debug!(at, "entries asked for, but that snapshot is gone");
+                        continue;
+                    };
+                    let report = EntriesReport {
+                        service: self.service.clone(),
+                        replica: self.replica.clone(),
+                        position: at,
+                        entries: found
+                            .iter()
+                            .filter(|(key, _)| request.buckets.contains(&bucket_of(key)))
+                            .map(|(key, hash)| EntryHash {
+                                key: key.clone(),
+                                hash: hex(hash),
+                            })
+                            .collect(),
+                        buckets: request.buckets,
+                    };
+                    if let Err(e) = self.client.report_entries(&report).await {
+                        tracing::warn!(error = %e, at, "could not send entries to explain");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, position, "could not report the state hash at a barrier");
+            }
         }
         let idle = !self
             .uploading
@@ -911,6 +974,13 @@ impl<E: ExternalReplica> Target for ExternalRuntime<E> {
     }
 
     fn pin(&self, _positions: Vec<u64>) {}
+
+    async fn entries(
+        &self,
+        _at: Option<u64>,
+    ) -> Result<Option<Vec<(String, [u8; 32])>>, RuntimeError> {
+        Ok(None)
+    }
 
     async fn restore(&self, target: u64) -> Result<u64, RuntimeError> {
         match self.replica.roll_back(target) {

@@ -154,6 +154,16 @@ impl SnapshotStore {
         Ok(None)
     }
 
+    /// The snapshot at exactly `position`, if it is kept and valid.
+    pub fn at(&self, position: u64) -> Result<Option<Snapshot>, StoreError> {
+        let txn = self.db.begin_read().map_err(store_error)?;
+        let table = txn.open_table(SNAPSHOTS).map_err(store_error)?;
+        let Some(row) = table.get(position).map_err(store_error)? else {
+            return Ok(None);
+        };
+        Ok(parse(position, row.value()).ok())
+    }
+
     /// Removes every snapshot after `position` (they hold states a rollback superseded); returns
     /// how many.
     pub fn remove_after(&self, position: u64) -> Result<usize, StoreError> {

@@ -9,7 +9,10 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use lockstep_proto::consistency::{CreateMark, Mark, MarkAt, MarkList, StateReport, Verification};
+use lockstep_proto::consistency::{
+    CreateMark, EntriesReport, Explanation, Mark, MarkAt, MarkList, ReportAnswer, StateReport,
+    Verification,
+};
 use lockstep_proto::subscription::{
     Ack, ReplicaStatus, Stuck, SubscriptionInfo, SubscriptionList, SubscriptionSpec,
 };
@@ -521,8 +524,9 @@ impl LineSplitter {
 }
 
 impl Client {
-    /// Reports this replica's state hash at a barrier (`POST /v1/reports`).
-    pub async fn report_state(&self, report: &StateReport) -> Result<(), ClientError> {
+    /// Reports this replica's state hash at a barrier (`POST /v1/reports`); the answer may ask
+    /// for entries to explain a divergence.
+    pub async fn report_state(&self, report: &StateReport) -> Result<ReportAnswer, ClientError> {
         let response = self
             .http
             .post(format!("{}/v1/reports", self.url()))
@@ -531,7 +535,36 @@ impl Client {
             .send()
             .await
             .map_err(ClientError::Unreachable)?;
+        if response.status() == reqwest::StatusCode::NO_CONTENT {
+            return Ok(ReportAnswer::default());
+        }
+        decode(response).await
+    }
+
+    /// Sends entries the broker asked for (`POST /v1/reports/entries`).
+    pub async fn report_entries(&self, report: &EntriesReport) -> Result<(), ClientError> {
+        let response = self
+            .http
+            .post(format!("{}/v1/reports/entries", self.url()))
+            .timeout(REQUEST_TIMEOUT)
+            .json(report)
+            .send()
+            .await
+            .map_err(ClientError::Unreachable)?;
         no_content(response).await
+    }
+
+    /// Which keys differ between a service's majority and its odd replicas (`GET /v1/explain`).
+    pub async fn explain(&self, service: &str) -> Result<Explanation, ClientError> {
+        let response = self
+            .http
+            .get(format!("{}/v1/explain", self.url()))
+            .query(&[("service", service)])
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .map_err(ClientError::Unreachable)?;
+        decode(response).await
     }
 
     /// Whether every service's replicas hold the same state (`GET /v1/verify`).

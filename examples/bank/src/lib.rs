@@ -116,6 +116,11 @@ impl Replica for Bank {
         }
         Ok(())
     }
+
+    /// Accounts by id, so `lockstep verify --explain` names the accounts that differ.
+    fn entries(state: &Accounts) -> Option<Vec<(String, [u8; 32])>> {
+        Some(lockstep::hash_entries(state))
+    }
 }
 
 /// A replica's HTTP service: commands become events, reads come from the replica's state.

@@ -90,8 +90,9 @@ async fn divergence_is_named_and_a_rollback_to_a_mark_restores_every_replica() {
         .unwrap();
     assert_eq!(mark.position, good);
 
-    // The bad events: withdrawals, which bank-3 applies wrongly.
-    let withdrawals: Vec<_> = (0..ACCOUNTS)
+    // The bad events: withdrawals from two accounts, which bank-3 applies wrongly.
+    let withdrawals: Vec<_> = [1, 4, 1]
+        .into_iter()
         .map(|a| event("funds.withdrawn", a, serde_json::json!({"amount": 7})))
         .collect();
     let acks = client.publish(&withdrawals).await.unwrap();
@@ -110,6 +111,32 @@ async fn divergence_is_named_and_a_rollback_to_a_mark_restores_every_replica() {
             assert!(r.agrees, "{} agrees with the majority", r.replica);
         }
     }
+
+    // Forensics: the accounts that differ, and the events that touched them since bank-3 last
+    // agreed. Every replica has sent its entries by its next barrier.
+    let next = client.barrier().await.unwrap();
+    reports_at(&client, next, &three).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let explanation = loop {
+        let e = client.explain("bank").await.unwrap();
+        if e.waiting_for.is_empty() && !e.odd.is_empty() {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no complete explanation: {e:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(explanation.majority, ["bank-1", "bank-2"]);
+    assert_eq!(explanation.odd.len(), 1);
+    assert_eq!(explanation.odd[0].replica, "bank-3");
+    let keys: Vec<&str> = explanation.odd[0]
+        .keys
+        .iter()
+        .map(|k| k.key.as_str())
+        .collect();
+    assert_eq!(keys, ["a1", "a4"], "exactly the accounts withdrawn from");
+    let a1 = &explanation.odd[0].keys[0];
+    assert_eq!(a1.touched_by, [acks[0].position, acks[2].position]);
+    assert_eq!(explanation.odd[0].keys[1].touched_by, [acks[1].position]);
     if let Some(cli) = lockstep_cli() {
         let out = std::process::Command::new(&cli)
             .args(["--url", &url, "verify"])
@@ -118,6 +145,23 @@ async fn divergence_is_named_and_a_rollback_to_a_mark_restores_every_replica() {
         assert_eq!(out.status.code(), Some(1), "verify exits 1 on divergence");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("bank-3"), "names the odd replica: {stderr}");
+        let out = std::process::Command::new(&cli)
+            .args(["--url", &url, "verify", "--explain"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("bank-3 differs in 2 key(s)"), "{stdout}");
+        let line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with("a1 "))
+            .unwrap();
+        assert!(
+            line.contains(&format!(
+                "touched by events at {}, {}",
+                acks[0].position, acks[2].position
+            )),
+            "{line}"
+        );
     }
 
     // Roll back to the mark: every replica returns to the mark's state.
