@@ -52,7 +52,7 @@ pub use publisher::{
     DEFAULT_MAX_BATCH, DEFAULT_MAX_IN_FLIGHT, DEFAULT_QUEUE_CAPACITY, Publisher, PublisherBuilder,
 };
 pub use replica::{
-    ApplyError, EventMeta, Replica, decode_state, encode_state, hash_entries, state_hash,
+    ApplyError, Entries, EventMeta, Replica, decode_state, encode_state, hash_entries, state_hash,
 };
 pub use runtime::{
     Bootstrap, ExternalReplica, ExternalRuntime, Runtime, RuntimeBuilder, RuntimeError, StateHandle,

@@ -99,16 +99,19 @@ pub trait Replica: Send + Sync + 'static {
     /// For a map-shaped state, return `Some(hash_entries(state))`. Costs one pass over the
     /// state at every barrier. Use the events' `key` as the entry key where you can: the broker
     /// then also names the events that touched the differing entries.
-    fn entries(_state: &Self::State) -> Option<Vec<(String, [u8; 32])>> {
+    fn entries(_state: &Self::State) -> Option<Entries> {
         None
     }
 }
+
+/// A state's keyed entries: `(key, blake3 of the value's canonical bytes)`.
+pub type Entries = Vec<(String, [u8; 32])>;
 
 /// A map's entries, keyed by the keys' text and hashed by their values' canonical bytes: what
 /// [`Replica::entries`] returns for a map-shaped state.
 pub fn hash_entries<K: std::fmt::Display, V: Serialize>(
     map: &std::collections::BTreeMap<K, V>,
-) -> Vec<(String, [u8; 32])> {
+) -> Entries {
     map.iter()
         .map(|(k, v)| {
             let bytes = encode_state(v).unwrap_or_default();

@@ -35,7 +35,7 @@ use crate::client::{Client, ClientError, ReadRequest};
 use serde::de::DeserializeOwned;
 
 use crate::replica::{
-    ApplyError, EventMeta, Replica, decode, decode_event, decode_state, encode_state,
+    ApplyError, Entries, EventMeta, Replica, decode, decode_event, decode_state, encode_state,
 };
 use crate::snapshot::{Snapshot, SnapshotStore, StoreError};
 use crate::subscription::StreamItem;
@@ -453,10 +453,7 @@ impl<R: Replica> Target for Runtime<R> {
         Ok(Some(snapshot))
     }
 
-    async fn entries(
-        &self,
-        at: Option<u64>,
-    ) -> Result<Option<Vec<(String, [u8; 32])>>, RuntimeError> {
+    async fn entries(&self, at: Option<u64>) -> Result<Option<Entries>, RuntimeError> {
         let Some(position) = at else {
             return Ok(self.state.inner_read(|applied| R::entries(&applied.state)));
         };
@@ -527,7 +524,7 @@ trait Target: Sync {
     fn entries(
         &self,
         at: Option<u64>,
-    ) -> impl Future<Output = Result<Option<Vec<(String, [u8; 32])>>, RuntimeError>> + Send;
+    ) -> impl Future<Output = Result<Option<Entries>, RuntimeError>> + Send;
     /// Returns the state to the newest point at or before `target` it can restore; returns that
     /// point's position (0: the empty state). The runtime then replays the rest up to `target`.
     fn restore(&self, target: u64) -> impl Future<Output = Result<u64, RuntimeError>> + Send;
@@ -975,10 +972,7 @@ impl<E: ExternalReplica> Target for ExternalRuntime<E> {
 
     fn pin(&self, _positions: Vec<u64>) {}
 
-    async fn entries(
-        &self,
-        _at: Option<u64>,
-    ) -> Result<Option<Vec<(String, [u8; 32])>>, RuntimeError> {
+    async fn entries(&self, _at: Option<u64>) -> Result<Option<Entries>, RuntimeError> {
         Ok(None)
     }
 

@@ -118,7 +118,7 @@ impl Replica for Bank {
     }
 
     /// Accounts by id, so `lockstep verify --explain` names the accounts that differ.
-    fn entries(state: &Accounts) -> Option<Vec<(String, [u8; 32])>> {
+    fn entries(state: &Accounts) -> Option<lockstep::Entries> {
         Some(lockstep::hash_entries(state))
     }
 }
