@@ -528,3 +528,60 @@ async fn bootstrap_from_the_verified_snapshot_matches_replay_and_refuses_a_tampe
     reaches(&d, tail[9].position, "d replays everything").await;
     assert_eq!(d.read(|s, _| s.clone()), sums(1..=310));
 }
+
+/// `Sums`, except that the number 13 cannot be applied: a poison event.
+struct Superstitious;
+
+impl Replica for Superstitious {
+    type State = BTreeMap<String, i64>;
+    type Event = Event;
+
+    fn apply(state: &mut Self::State, event: Event, meta: &EventMeta) -> Result<(), ApplyError> {
+        let Event::Added { n } = event;
+        if n == 13 {
+            return Err(ApplyError::new("13 is unlucky"));
+        }
+        Sums::apply(state, Event::Added { n }, meta)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stuck_on_a_poison_event_moves_on_when_a_rollback_supersedes_it() {
+    let broker = TestBroker::start().await;
+    let client = Client::new(&broker.url).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = builder(&broker, "s", dir.path())
+        .build::<Superstitious>()
+        .unwrap();
+    let state = runtime.state();
+    tokio::spawn(runtime.run(std::future::pending()));
+    broker.publish(&adds(10, 15)).await;
+    wait_until(Duration::from_secs(10), "stuck before 13", || async {
+        let subs = client.subscriptions().await.unwrap();
+        subs.subscriptions
+            .iter()
+            .any(|s| s.stuck.as_ref().is_some_and(|st| st.position == 4))
+    })
+    .await;
+    assert_eq!(state.position(), 3, "never skips the poison event");
+    let rollback = client
+        .rollback(RollbackTo::Position(3), Some("poison"))
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(20), "past the rollback", || async {
+        state.position() >= rollback.position
+    })
+    .await;
+    assert_eq!(state.read(|s, _| s.clone()), sums(10..=12));
+    let more = broker.publish(&adds(20, 21)).await;
+    wait_until(Duration::from_secs(10), "live again", || async {
+        state.position() >= more[1].position
+    })
+    .await;
+    assert_eq!(state.read(|s, _| s.clone()), sums((10..=12).chain(20..=21)));
+    let subs = client.subscriptions().await.unwrap();
+    assert!(
+        subs.subscriptions.iter().all(|s| s.stuck.is_none()),
+        "no longer stuck"
+    );
+}

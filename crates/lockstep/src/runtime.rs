@@ -530,6 +530,14 @@ trait Target: Sync {
     fn restore(&self, target: u64) -> impl Future<Output = Result<u64, RuntimeError>> + Send;
 }
 
+/// How applying an event ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Applied,
+    /// It kept failing until a rollback superseded it.
+    Superseded,
+}
+
 /// The loop shared by both runtimes: register, stream, apply in order, checkpoint, ack.
 struct Driver {
     client: Client,
@@ -588,9 +596,14 @@ impl Driver {
                         if event.event_type == ROLLBACK_TYPE {
                             self.roll_back(target, &event).await?;
                         }
-                        tokio::select! {
-                            () = self.apply_until_done(target, &event) => {}
+                        let outcome = tokio::select! {
+                            outcome = self.apply_until_done(target, &event) => outcome,
                             _ = &mut shutdown => break 'connect,
+                        };
+                        if outcome == Outcome::Superseded {
+                            // A rollback took the failing event out of the live log: stream
+                            // again from before it, which now skips to the rollback record.
+                            continue 'connect;
                         }
                         after = event.position;
                         since_checkpoint += 1;
@@ -786,7 +799,9 @@ impl Driver {
                     break 'pages;
                 }
                 if !is_reserved(&event.event_type) {
-                    self.apply_until_done(target, event).await;
+                    // Live events up to the target: a rollback cannot supersede them unless a
+                    // later one does, which this replica handles when it reaches it.
+                    let _ = self.apply_until_done(target, event).await;
                 }
             }
             if page.next_after >= to {
@@ -825,8 +840,9 @@ impl Driver {
         Ok(info.position)
     }
 
-    /// Applies one event, retrying with backoff until it succeeds; never skips it.
-    async fn apply_until_done(&self, target: &impl Target, event: &crate::Event) {
+    /// Applies one event, retrying with backoff until it succeeds; never skips it, unless a
+    /// rollback supersedes it meanwhile (the remedy for a poison event).
+    async fn apply_until_done(&self, target: &impl Target, event: &crate::Event) -> Outcome {
         let meta = EventMeta {
             position: event.position,
             id: event.id.clone(),
@@ -849,7 +865,7 @@ impl Driver {
                         tracing::info!(position = event.position, failures, "apply recovered");
                         self.report_stuck(None).await;
                     }
-                    return;
+                    return Outcome::Applied;
                 }
                 Err(e) => {
                     failures += 1;
@@ -870,9 +886,26 @@ impl Driver {
                     }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(MAX_BACKOFF);
+                    if self.superseded(event.position).await {
+                        tracing::warn!(
+                            position = event.position,
+                            "the failing event was superseded by a rollback; moving on"
+                        );
+                        self.report_stuck(None).await;
+                        return Outcome::Superseded;
+                    }
                 }
             }
         }
+    }
+
+    /// Whether a rollback has superseded `position` (false when the broker cannot say).
+    async fn superseded(&self, position: u64) -> bool {
+        self.client.rollbacks().await.is_ok_and(|list| {
+            list.rollbacks
+                .iter()
+                .any(|r| r.target < position && position < r.position)
+        })
     }
 
     async fn report_stuck(&self, stuck: Option<Stuck>) {
