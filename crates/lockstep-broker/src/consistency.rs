@@ -51,9 +51,9 @@ const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 /// Stored state-hash reports and marks.
 pub struct Reports {
     db: Database,
-    /// Per service, barriers whose divergence the broker wants entries for, with the buckets
-    /// that differ there (the latest few; rebuilt from reports after a restart).
-    pub(crate) wanted: std::sync::Mutex<BTreeMap<String, BTreeMap<u64, Vec<u32>>>>,
+    /// Per service, barriers whose divergence the broker wants entries for (the latest few;
+    /// in memory: after a restart, replicas are simply asked again).
+    pub(crate) wanted: std::sync::Mutex<BTreeMap<String, BTreeMap<u64, crate::explain::Wanted>>>,
 }
 
 impl Reports {

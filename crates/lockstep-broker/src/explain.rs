@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::ControlFlow;
 
 use lockstep_proto::consistency::{
-    EXPLAIN_BUCKETS, EntriesReport, ExplainRequest, Explanation, KeyDifference, OddReplica,
-    ReportAnswer, StateReport, bucket_of,
+    EXPLAIN_BUCKETS, EntriesReport, ExplainRequest, Explanation, KeyDifference,
+    MAX_EXPLAIN_ENTRIES, OddReplica, ReportAnswer, StateReport, bucket_of,
 };
 use lockstep_proto::record::ChainHash;
 use lockstep_proto::subscription::validate_name;
@@ -26,6 +26,18 @@ use crate::error::StoreError;
 
 /// Barriers per service the broker keeps asking entries for.
 const WANTED_BARRIERS: usize = 3;
+/// Buckets asked for at one barrier: a sixteenth of a state at most, so that the entries of even
+/// a large state fit a request. A few bad events touch a few keys, so a few buckets.
+const MAX_WANTED_BUCKETS: usize = 4;
+
+/// What the broker wants to explain one diverged barrier.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Wanted {
+    /// The buckets in which replicas differ there (the first [`MAX_WANTED_BUCKETS`]).
+    buckets: Vec<u32>,
+    /// Buckets each replica has sent its entries of.
+    sent: BTreeMap<String, BTreeSet<u32>>,
+}
 /// Positions named per differing key.
 const TOUCHED_PER_KEY: usize = 10;
 
@@ -43,29 +55,49 @@ pub(crate) fn answer(reports: &Reports, report: &StateReport) -> Result<ReportAn
         let service = wanted.entry(report.service.clone()).or_default();
         if let Some(buckets) = differing_buckets(&at) {
             let entry = service.entry(report.position).or_default();
-            entry.extend(buckets);
-            entry.sort_unstable();
-            entry.dedup();
+            for b in buckets {
+                if entry.buckets.len() < MAX_WANTED_BUCKETS && !entry.buckets.contains(&b) {
+                    entry.buckets.push(b);
+                }
+            }
+            entry.buckets.sort_unstable();
             while service.len() > WANTED_BARRIERS {
                 service.pop_first();
             }
         }
         service.clone()
     };
-    let mut explain = Vec::new();
-    for (&barrier, buckets) in wanted.range(..=report.position) {
-        let sent = reports.entries_at(&report.service, barrier)?;
-        let covered = sent
-            .get(&report.replica)
-            .is_some_and(|e| buckets.iter().all(|b| e.buckets.contains(b)));
-        if !covered {
-            explain.push(ExplainRequest {
-                position: barrier,
-                buckets: buckets.clone(),
-            });
-        }
-    }
+    let explain = wanted
+        .range(..=report.position)
+        .filter(|(_, w)| {
+            let sent = w.sent.get(&report.replica);
+            !w.buckets
+                .iter()
+                .all(|b| sent.is_some_and(|s| s.contains(b)))
+        })
+        .map(|(&position, w)| ExplainRequest {
+            position,
+            buckets: w.buckets.clone(),
+        })
+        .collect();
     Ok(ReportAnswer { explain })
+}
+
+/// Notes that a replica sent the entries of some buckets at a barrier.
+fn record_sent(reports: &Reports, report: &EntriesReport) {
+    let mut wanted = match reports.wanted.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    if let Some(w) = wanted
+        .get_mut(&report.service)
+        .and_then(|s| s.get_mut(&report.position))
+    {
+        w.sent
+            .entry(report.replica.clone())
+            .or_default()
+            .extend(report.buckets.iter().copied());
+    }
 }
 
 /// The buckets in which the odd replicas at a barrier differ from the majority, if any.
@@ -124,9 +156,13 @@ impl Broker {
             }
         }
         let reports = std::sync::Arc::clone(&self.inner.reports);
-        tokio::task::spawn_blocking(move || reports.store_entries(&report))
-            .await
-            .map_err(|e| StoreError::new(format!("entries task failed: {e}")))??;
+        tokio::task::spawn_blocking(move || {
+            reports.store_entries(&report)?;
+            record_sent(&reports, &report);
+            Ok::<_, StoreError>(())
+        })
+        .await
+        .map_err(|e| StoreError::new(format!("entries task failed: {e}")))??;
         Ok(())
     }
 
@@ -213,6 +249,12 @@ impl Broker {
                     .map(|e| (e.key.clone(), e.hash.clone()))
                     .collect()
             };
+            if reference.truncated || theirs.truncated {
+                explanation.note = Some(format!(
+                    "the differing buckets hold more than {MAX_EXPLAIN_ENTRIES} entries; only \
+                     the first were compared, so more keys may differ than are listed"
+                ));
+            }
             let (ours, odd) = (side(reference), side(theirs));
             let keys: BTreeSet<&String> = ours.keys().chain(odd.keys()).collect();
             let differences: Vec<KeyDifference> = keys

@@ -80,9 +80,16 @@ pub struct EntriesReport {
     pub position: u64,
     /// The buckets sent.
     pub buckets: Vec<u32>,
-    /// Every entry of those buckets: key and blake3 of the value (hex).
+    /// The entries of those buckets, by key: key and blake3 of the value (hex); at most
+    /// [`MAX_EXPLAIN_ENTRIES`].
     pub entries: Vec<EntryHash>,
+    /// True when the buckets held more entries than were sent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }
+
+/// Most entries one [`EntriesReport`] carries (a few MiB of JSON).
+pub const MAX_EXPLAIN_ENTRIES: usize = 20_000;
 
 /// One state entry, hashed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -24,8 +24,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use lockstep_proto::consistency::{
-    BARRIER_TYPE, EntriesReport, EntryHash, ROLLBACK_TYPE, RollbackData, StateReport,
-    bucket_hashes, bucket_of,
+    BARRIER_TYPE, EntriesReport, EntryHash, MAX_EXPLAIN_ENTRIES, ROLLBACK_TYPE, RollbackData,
+    StateReport, bucket_hashes, bucket_of,
 };
 use lockstep_proto::names::is_reserved;
 use lockstep_proto::record::ChainHash;
@@ -687,19 +687,26 @@ impl Driver {
                         tracing::debug!(at, "entries asked for, but that snapshot is gone");
                         continue;
                     };
+                    let mut wanted: Vec<&(String, [u8; 32])> = found
+                        .iter()
+                        .filter(|(key, _)| request.buckets.contains(&bucket_of(key)))
+                        .collect();
+                    wanted.sort_by(|a, b| a.0.cmp(&b.0));
+                    let truncated = wanted.len() > MAX_EXPLAIN_ENTRIES;
+                    wanted.truncate(MAX_EXPLAIN_ENTRIES);
                     let report = EntriesReport {
                         service: self.service.clone(),
                         replica: self.replica.clone(),
                         position: at,
-                        entries: found
-                            .iter()
-                            .filter(|(key, _)| request.buckets.contains(&bucket_of(key)))
+                        entries: wanted
+                            .into_iter()
                             .map(|(key, hash)| EntryHash {
                                 key: key.clone(),
                                 hash: hex(hash),
                             })
                             .collect(),
                         buckets: request.buckets,
+                        truncated,
                     };
                     if let Err(e) = self.client.report_entries(&report).await {
                         tracing::warn!(error = %e, at, "could not send entries to explain");
