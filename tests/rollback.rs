@@ -62,14 +62,27 @@ fn builder(broker: &TestBroker, id: &str, dir: &std::path::Path) -> lockstep::Ru
         .state_dir(dir)
 }
 
-/// Starts a runtime; returns its state and the switch that stops it.
-fn start(runtime: Runtime<Sums>) -> (StateHandle<BTreeMap<String, i64>>, oneshot::Sender<()>) {
+/// A running replica's off switch: stops it and waits until it has let go of its state.
+struct Stopper {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), RuntimeError>>,
+}
+
+impl Stopper {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// Starts a runtime; returns its state and its off switch.
+fn start(runtime: Runtime<Sums>) -> (StateHandle<BTreeMap<String, i64>>, Stopper) {
     let state = runtime.state();
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(runtime.run(async {
+    let task = tokio::spawn(runtime.run(async {
         let _ = stopped.await;
     }));
-    (state, stop)
+    (state, Stopper { stop, task })
 }
 
 async fn reaches(state: &StateHandle<BTreeMap<String, i64>>, position: u64, what: &str) {
@@ -357,7 +370,7 @@ async fn replicas_roll_back_to_a_position_between_snapshots_and_a_late_replica_a
             .unwrap(),
     );
     reaches(&c, head, "c catches up").await;
-    let _ = stop_c.send(());
+    stop_c.stop().await;
     let second = broker.publish(&adds(200, 209)).await;
     let target = second[4].position;
     client
