@@ -598,3 +598,64 @@ async fn a_replica_stuck_on_a_poison_event_moves_on_when_a_rollback_supersedes_i
         "no longer stuck"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_rollback_keys_and_ids_answer_for_the_live_log() {
+    let broker = TestBroker::start().await;
+    let client = Client::new(&broker.url).unwrap();
+    let keyed = |key: &str, id: &str| json!({"type": "counter.added", "key": key, "id": id, "data": {"n": 1}});
+    // a: 1, 2 | b: 3 | a: 4, c: 5 (superseded)
+    broker
+        .publish(&json!([
+            keyed("a", "e1"),
+            keyed("a", "e2"),
+            keyed("b", "e3")
+        ]))
+        .await;
+    broker
+        .publish(&json!([keyed("a", "e4"), keyed("c", "e5")]))
+        .await;
+    client
+        .rollback(RollbackTo::Position(3), None)
+        .await
+        .unwrap();
+
+    // expected_position sees the live log: a's last live event is 2 again, c has none.
+    let publish = |body: serde_json::Value| {
+        reqwest::Client::new()
+            .post(broker.at("/v1/events"))
+            .json(&body)
+    };
+    let stale = publish(
+        json!({"type": "counter.added", "key": "a", "data": {"n": 1}, "expected_position": 4}),
+    );
+    let (status, error) = error_of(stale.send().await.unwrap()).await;
+    assert_eq!((status, error.current), (StatusCode::CONFLICT, Some(2)));
+    let fresh = publish(
+        json!({"type": "counter.added", "key": "c", "data": {"n": 1}, "expected_position": 0}),
+    );
+    assert_eq!(fresh.send().await.unwrap().status(), StatusCode::OK);
+    let live = publish(
+        json!({"type": "counter.added", "key": "a", "data": {"n": 1}, "expected_position": 2}),
+    );
+    assert_eq!(live.send().await.unwrap().status(), StatusCode::OK);
+
+    // A superseded event's id still names it, and the answer says it is not live.
+    let again = broker.publish(&json!(keyed("a", "e4"))).await;
+    assert!(again[0].duplicate && again[0].superseded, "{again:?}");
+    assert_eq!(again[0].position, 4);
+    let single: serde_json::Value = reqwest::get(broker.at("/v1/events/4"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(single["superseded"], true);
+    let live_one: serde_json::Value = reqwest::get(broker.at("/v1/events/2"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(live_one.get("superseded").is_none());
+}

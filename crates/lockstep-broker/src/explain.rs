@@ -37,6 +37,8 @@ pub(crate) struct Wanted {
     buckets: Vec<u32>,
     /// Buckets each replica has sent its entries of.
     sent: BTreeMap<String, BTreeSet<u32>>,
+    /// How many buckets differ in all (more than `buckets` when capped).
+    differing: usize,
 }
 /// Positions named per differing key.
 const TOUCHED_PER_KEY: usize = 10;
@@ -55,6 +57,7 @@ pub(crate) fn answer(reports: &Reports, report: &StateReport) -> Result<ReportAn
         let service = wanted.entry(report.service.clone()).or_default();
         if let Some(buckets) = differing_buckets(&at) {
             let entry = service.entry(report.position).or_default();
+            entry.differing = entry.differing.max(buckets.len());
             for b in buckets {
                 if entry.buckets.len() < MAX_WANTED_BUCKETS && !entry.buckets.contains(&b) {
                     entry.buckets.push(b);
@@ -130,6 +133,12 @@ impl Broker {
             return Err(ReportError::Invalid(format!(
                 "position {} is not in the log (head {head})",
                 report.position
+            )));
+        }
+        if report.entries.len() > MAX_EXPLAIN_ENTRIES {
+            return Err(ReportError::Invalid(format!(
+                "{} entries: at most {MAX_EXPLAIN_ENTRIES} per report",
+                report.entries.len()
             )));
         }
         if let Some(b) = report
@@ -215,6 +224,22 @@ impl Broker {
             return Ok(explanation);
         };
         explanation.barrier = Some(barrier);
+        let capped = {
+            let wanted = match self.inner.reports.wanted.lock() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            wanted
+                .get(service)
+                .and_then(|s| s.get(&barrier))
+                .is_some_and(|w| w.differing > w.buckets.len())
+        };
+        if capped {
+            explanation.note = Some(format!(
+                "more than {MAX_WANTED_BUCKETS} of {EXPLAIN_BUCKETS} buckets differ: only keys \
+                 of the first {MAX_WANTED_BUCKETS} were compared, others may differ too"
+            ));
+        }
         let Some(majority_hash) = majority(by_replica.values()) else {
             return Ok(explanation);
         };
@@ -249,13 +274,26 @@ impl Broker {
                     .map(|e| (e.key.clone(), e.hash.clone()))
                     .collect()
             };
-            if reference.truncated || theirs.truncated {
+            // A truncated side holds its first keys in order: compare only up to the last key
+            // both sides hold, so that a key cut from one side is not called different.
+            let last_key = |r: &EntriesReport| r.entries.last().map(|e| e.key.clone());
+            let up_to = [reference, theirs]
+                .into_iter()
+                .filter(|r| r.truncated)
+                .filter_map(last_key)
+                .min();
+            if up_to.is_some() {
                 explanation.note = Some(format!(
-                    "the differing buckets hold more than {MAX_EXPLAIN_ENTRIES} entries; only \
-                     the first were compared, so more keys may differ than are listed"
+                    "the differing buckets hold more than {MAX_EXPLAIN_ENTRIES} entries; keys \
+                     up to {:?} were compared, later ones may differ too",
+                    up_to.clone().unwrap_or_default()
                 ));
             }
-            let (ours, odd) = (side(reference), side(theirs));
+            let (mut ours, mut odd) = (side(reference), side(theirs));
+            if let Some(last) = &up_to {
+                ours.retain(|k, _| k <= last);
+                odd.retain(|k, _| k <= last);
+            }
             let keys: BTreeSet<&String> = ours.keys().chain(odd.keys()).collect();
             let differences: Vec<KeyDifference> = keys
                 .into_iter()

@@ -1,8 +1,9 @@
 //! The HTTP API (axum). Handlers parse and validate, call the [`Broker`], and map its errors to a
 //! status and a JSON body `{"error": {"code", "message"}}`. They never touch storage directly.
 //!
-//! Routes: `POST /v1/events`, `GET /v1/events`, `GET /v1/events/{position}`, `GET /v1/head`,
-//! `GET /healthz`, `GET /readyz`, `GET /metrics`. See `docs/http-api.md`.
+//! Routes (all in [`router`]; each documented in `docs/http-api.md`): events and the head;
+//! subscriptions and their delivery; barriers, reports, verification and explanations; marks,
+//! rollbacks, pause/resume and redrive; snapshot blobs; health and metrics.
 
 use std::time::Duration;
 
@@ -701,6 +702,10 @@ impl From<RollbackError> for ApiError {
             RollbackError::Report(e) => e.into(),
             RollbackError::Publish(e) => e.into(),
             RollbackError::Invalid(message) => ApiError::bad_request("invalid_request", message),
+            RollbackError::Busy(message) => Self {
+                retry_after: Some(1),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message)
+            },
         }
     }
 }
@@ -752,6 +757,12 @@ async fn pause(
     } else {
         json_body(Ok(body))?
     };
+    if request.reason.as_ref().is_some_and(|r| r.len() > 1024) {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "reason is longer than 1024 bytes",
+        ));
+    }
     let state = broker
         .set_paused(Some(request.reason))
         .await

@@ -67,6 +67,10 @@ struct Inner {
     snapshots: Arc<snapshots::SnapshotBlobs>,
     /// Whether client publishes are refused for now (an operator's pause around a rollback).
     paused: std::sync::RwLock<lockstep_proto::consistency::PauseState>,
+    /// Held by the rollback being appended: one at a time.
+    rolling_back: tokio::sync::Mutex<()>,
+    /// True while a rollback is appended: publishes wait (503) for the moment it takes.
+    holding_publishes: std::sync::atomic::AtomicBool,
     config: Config,
     /// Turns true when shutdown starts, so long-polls return at once.
     stopping: watch::Sender<bool>,
@@ -96,6 +100,8 @@ impl Broker {
                 reports,
                 snapshots,
                 paused: std::sync::RwLock::new(paused),
+                rolling_back: tokio::sync::Mutex::new(()),
+                holding_publishes: std::sync::atomic::AtomicBool::new(false),
                 config,
                 stopping: watch::Sender::new(false),
             }),
@@ -113,6 +119,15 @@ impl Broker {
         let pause = self.pause_state();
         if pause.paused {
             return Err(PublishError::Paused(pause.reason));
+        }
+        if self
+            .inner
+            .holding_publishes
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(PublishError::Paused(Some(
+                "a rollback is being appended".into(),
+            )));
         }
         self.append(drafts).await
     }

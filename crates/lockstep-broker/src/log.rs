@@ -16,7 +16,7 @@
 //! and commits it durably (fsync) before answering any of them: concurrent publishers share a
 //! commit, so throughput grows with concurrency while each caller still waits for durability.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
@@ -67,6 +67,9 @@ pub struct Draft {
     content_digest: [u8; 32],
     /// For a rollback record: its target, checked and stored by the writer.
     rollback_target: Option<u64>,
+    /// For a rollback record: keys whose last event it supersedes, with the position of their
+    /// last live event (0: none), for `expected_position`.
+    key_resets: Vec<(String, u64)>,
 }
 
 impl Draft {
@@ -98,6 +101,7 @@ impl Draft {
             canonical,
             content_digest,
             rollback_target: None,
+            key_resets: Vec::new(),
         }
     }
 
@@ -105,6 +109,14 @@ impl Draft {
     /// the log as it is when the record is appended, and supersedes the positions in between.
     pub fn rollback_to(mut self, target: u64) -> Self {
         self.rollback_target = Some(target);
+        self
+    }
+
+    /// For a rollback record: appended only if the head is still `head` (the key resets were
+    /// computed against it), setting each key's last position as given (0: none).
+    pub fn with_key_resets(mut self, head: u64, resets: Vec<(String, u64)>) -> Self {
+        self.expected_head = Some(head);
+        self.key_resets = resets;
         self
     }
 
@@ -131,6 +143,8 @@ struct Appended {
     hash: ChainHash,
     time_ns: i64,
     duplicate: bool,
+    /// A duplicate of an event a rollback superseded.
+    superseded: bool,
 }
 
 /// The last committed event: what `GET /v1/head` shows and what long-polls wait on.
@@ -245,6 +259,7 @@ impl Log {
                 hash: a.hash.to_hex(),
                 time: chrono::DateTime::from_timestamp_nanos(a.time_ns),
                 duplicate: a.duplicate,
+                superseded: a.superseded,
             })
             .collect())
     }
@@ -339,6 +354,44 @@ impl Log {
             }
         }
         Ok(lo)
+    }
+
+    /// For each of `keys`, the position of the last live (not superseded) event with that key
+    /// at or before `at`; keys with none are absent. Reads backwards chunk by chunk until every
+    /// key is found or the log's start; blocking.
+    pub fn last_live_positions(
+        &self,
+        mut keys: HashSet<String>,
+        at: u64,
+        superseded: &Superseded,
+    ) -> Result<HashMap<String, u64>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let chunks = txn.open_table(EVENTS)?;
+        let mut found = HashMap::new();
+        let mut in_chunk: Vec<(u64, String)> = Vec::new();
+        for entry in chunks.range(..=at)?.rev() {
+            if keys.is_empty() {
+                break;
+            }
+            let (_, chunk) = entry?;
+            in_chunk.clear();
+            chunk::for_each_record(chunk.value(), |record, _| {
+                if let Some(key) = record.key
+                    && record.position <= at
+                    && keys.contains(key)
+                    && !superseded.contains(record.position)
+                {
+                    in_chunk.push((record.position, key.to_owned()));
+                }
+                ControlFlow::Continue(())
+            })?;
+            for (position, key) in in_chunk.drain(..).rev() {
+                if keys.remove(&key) {
+                    found.insert(key, position);
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// A handle that stops upgrading once every clone of this log is gone and the database file
@@ -548,6 +601,13 @@ impl Writer {
                     }
                     if let Some(target) = draft.rollback_target {
                         tables.rollbacks.insert(position, target)?;
+                        for (key, last) in &draft.key_resets {
+                            if *last == 0 {
+                                tables.keys.remove(key.as_str())?;
+                            } else {
+                                tables.keys.insert(key.as_str(), *last)?;
+                            }
+                        }
                         let mut pending = match self.pending.take() {
                             Some(pending) => pending,
                             None => self.committed_superseded(),
@@ -568,6 +628,7 @@ impl Writer {
                         hash,
                         time_ns,
                         duplicate: false,
+                        superseded: false,
                     };
                     self.group.push(new);
                     new
@@ -671,11 +732,16 @@ impl Writer {
                 });
             }
         }
+        let superseded = match &self.pending {
+            Some(pending) => pending.contains(position),
+            None => self.committed_superseded().contains(position),
+        };
         chunk::get(events, position, |record, hash| Appended {
             position,
             hash: *hash,
             time_ns: record.time_ns,
             duplicate: true,
+            superseded,
         })?
         .ok_or_else(|| StoreError::new(format!("id index points at missing position {position}")))
     }

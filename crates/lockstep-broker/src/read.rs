@@ -122,10 +122,15 @@ pub async fn read_page(
 /// The JSON of the single event at `position`.
 pub async fn read_one(log: &Log, position: u64) -> Result<Vec<u8>, ReadError> {
     let log = log.clone();
+    let superseded = log.superseded().contains(position);
     let found = blocking(move || {
         log.get(position, |record, hash| {
             let mut out = Vec::with_capacity(512);
             write_event_json(&mut out, record, hash);
+            if superseded {
+                out.pop();
+                out.extend_from_slice(b",\"superseded\":true}");
+            }
             out
         })
     })

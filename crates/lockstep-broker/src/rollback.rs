@@ -24,7 +24,7 @@ use lockstep_proto::names::is_reserved;
 
 use crate::Broker;
 use crate::consistency::ReportError;
-use crate::error::{PublishError, StoreError};
+use crate::error::{AppendError, ConflictKind, PublishError, StoreError};
 use crate::log::Draft;
 
 /// Most events one redrive publishes; narrow the range for more.
@@ -45,6 +45,34 @@ pub enum RollbackError {
     /// A malformed request.
     #[error("{0}")]
     Invalid(String),
+    /// Publishes kept the head moving; pause them and try again.
+    #[error("{0}")]
+    Busy(String),
+}
+
+/// Times a rollback is computed again because publishes moved the head meanwhile.
+const ROLLBACK_ATTEMPTS: usize = 20;
+
+/// Holds client publishes (503) while it lives.
+struct HeldPublishes<'a>(&'a Broker);
+
+impl<'a> HeldPublishes<'a> {
+    fn hold(broker: &'a Broker) -> Self {
+        broker
+            .inner
+            .holding_publishes
+            .store(true, std::sync::atomic::Ordering::Release);
+        Self(broker)
+    }
+}
+
+impl Drop for HeldPublishes<'_> {
+    fn drop(&mut self) {
+        self.0
+            .inner
+            .holding_publishes
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl From<StoreError> for RollbackError {
@@ -74,14 +102,45 @@ impl Broker {
         };
         let data = serde_json::to_value(&data)
             .map_err(|e| RollbackError::Invalid(format!("rollback data: {e}")))?;
-        let draft = self
-            .control_draft(ROLLBACK_TYPE, &data)?
-            .rollback_to(target);
-        let ack = self
-            .append(vec![draft])
-            .await?
-            .pop()
-            .ok_or_else(|| PublishError::invalid("no ack for the rollback record"))?;
+        // The keys whose last event is superseded get back their last live one, so that
+        // `expected_position` agrees with the replicas' restored state. Computed against a head
+        // the record then insists on: publishes are held meanwhile (those already queued may
+        // still land, and then it is computed again).
+        let _one_at_a_time = self.inner.rolling_back.lock().await;
+        let _held = HeldPublishes::hold(self);
+        let mut attempts = 0;
+        let ack = loop {
+            let head = self.inner.log.tip().position;
+            let resets = self.key_resets(target, head).await?;
+            let draft = self
+                .control_draft(ROLLBACK_TYPE, &data)?
+                .rollback_to(target)
+                .with_key_resets(head, resets);
+            match self.append(vec![draft]).await {
+                Ok(mut acks) => {
+                    break acks
+                        .pop()
+                        .ok_or_else(|| PublishError::invalid("no ack for the rollback record"))?;
+                }
+                Err(PublishError::Append(AppendError::Conflict {
+                    kind: ConflictKind::Head,
+                    ..
+                })) if attempts < ROLLBACK_ATTEMPTS => {
+                    attempts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Err(PublishError::Append(AppendError::Conflict {
+                    kind: ConflictKind::Head,
+                    ..
+                })) => {
+                    return Err(RollbackError::Busy(format!(
+                        "publishes kept moving the head during {ROLLBACK_ATTEMPTS} attempts; \
+                         pause publishing (lockstep pause) and roll back again"
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         tracing::warn!(
             position = ack.position,
             target,
@@ -96,6 +155,39 @@ impl Broker {
             reason: request.reason,
             time: ack.time,
         })
+    }
+
+    /// For every key with an event in `(target, head]`: the position of its last live event at
+    /// or before `target` (0: none).
+    async fn key_resets(&self, target: u64, head: u64) -> Result<Vec<(String, u64)>, StoreError> {
+        let log = self.inner.log.clone();
+        let superseded = log.superseded();
+        let task = move || -> Result<Vec<(String, u64)>, StoreError> {
+            let mut keys = HashSet::new();
+            if target < head {
+                log.scan(target, |record, _| {
+                    if record.position > head {
+                        return ControlFlow::Break(());
+                    }
+                    if let Some(key) = record.key {
+                        keys.insert(key.to_owned());
+                    }
+                    ControlFlow::Continue(())
+                })?;
+            }
+            let all: Vec<String> = keys.iter().cloned().collect();
+            let found = log.last_live_positions(keys, target, &superseded)?;
+            Ok(all
+                .into_iter()
+                .map(|key| {
+                    let last = found.get(&key).copied().unwrap_or(0);
+                    (key, last)
+                })
+                .collect())
+        };
+        tokio::task::spawn_blocking(task)
+            .await
+            .map_err(|e| StoreError::new(format!("rollback task failed: {e}")))?
     }
 
     /// Every rollback in the log, oldest first, and how many events they supersede.

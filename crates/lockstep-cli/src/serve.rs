@@ -18,7 +18,7 @@ pub struct ServeArgs {
     #[arg(long, env = "LOCKSTEP_LISTEN")]
     listen: Option<SocketAddr>,
     /// TOML config file (keys: data_dir, listen, max_body_bytes, cache_bytes, barrier_every,
-    /// barrier_interval_ms).
+    /// barrier_interval_ms, max_snapshot_bytes).
     #[arg(long, env = "LOCKSTEP_CONFIG")]
     config: Option<PathBuf>,
     /// Largest request body accepted, in bytes [default: 4194304]

@@ -170,6 +170,9 @@ fn print_explanation(e: &lockstep::Explanation) {
         );
         return;
     };
+    if let Some(note) = &e.note {
+        println!("{}: note: {note}", e.service);
+    }
     println!(
         "{} at barrier {barrier}: majority {}",
         e.service,

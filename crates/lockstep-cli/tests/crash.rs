@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use common::BrokerProcess;
 use lockstep::{
-    Client, Event, GENESIS_HASH, NewEvent, PublishAck, ReadRequest, Rollback, RollbackTo,
+    Client, ClientError, Event, GENESIS_HASH, NewEvent, PublishAck, ReadRequest, Rollback,
+    RollbackTo,
 };
 
 const PUBLISHERS: usize = 24;
@@ -173,8 +174,13 @@ async fn acknowledged_rollbacks_and_snapshots_survive_sigkill() {
         tasks.spawn(async move {
             for n in 0.. {
                 let event = NewEvent::json("crash.tested", &serde_json::json!({"p": p, "n": n}));
-                if client.publish_one(&event.unwrap()).await.is_err() {
-                    break;
+                match client.publish_one(&event.unwrap()).await {
+                    Ok(_) => {}
+                    // Held for a moment while a rollback is appended.
+                    Err(ClientError::Api { status: 503, .. }) => {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Err(_) => break, // the broker died under us
                 }
             }
         });

@@ -89,7 +89,7 @@ pub struct EntriesReport {
 }
 
 /// Most entries one [`EntriesReport`] carries (a few MiB of JSON).
-pub const MAX_EXPLAIN_ENTRIES: usize = 20_000;
+pub const MAX_EXPLAIN_ENTRIES: usize = 10_000;
 
 /// One state entry, hashed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -359,7 +359,7 @@ pub struct Redriven {
     pub original: u64,
     /// Where the new event is.
     pub position: u64,
-    /// The new event's id: `redrive-{original}-{original id}`, so a repeated redrive of the same
+    /// The new event's id: `lockstep-redrive-{original}`, so a repeated redrive of the same
     /// event is a duplicate, not a second copy.
     pub id: String,
     /// True when an earlier redrive already published it.

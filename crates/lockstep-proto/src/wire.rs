@@ -75,6 +75,10 @@ pub struct PublishAck {
     /// True when the id was already stored: this is the original position, nothing was written.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub duplicate: bool,
+    /// True when that original was superseded by a rollback: it is not live. Redrive it (or
+    /// publish with a new id) to make it live again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub superseded: bool,
 }
 
 /// Answer to `POST /v1/events`: one ack per input event, in input order.
@@ -423,6 +427,9 @@ pub fn write_publish_response(acks: &[PublishAck]) -> Vec<u8> {
         if ack.duplicate {
             out.extend_from_slice(b",\"duplicate\":true");
         }
+        if ack.superseded {
+            out.extend_from_slice(b",\"superseded\":true");
+        }
         out.push(b'}');
     }
     out.extend_from_slice(b"]}");
@@ -602,6 +609,7 @@ mod tests {
                 hash: GENESIS_HASH.to_hex(),
                 time: DateTime::from_timestamp_nanos(1_780_000_000_123_456_789),
                 duplicate: false,
+                superseded: false,
             },
             PublishAck {
                 position: 1,
@@ -609,6 +617,7 @@ mod tests {
                 hash: GENESIS_HASH.next(b"1").to_hex(),
                 time: DateTime::from_timestamp_nanos(5_000_000_000),
                 duplicate: true,
+                superseded: true,
             },
         ];
         let ours: serde_json::Value =

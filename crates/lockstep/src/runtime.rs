@@ -175,6 +175,7 @@ impl RuntimeBuilder {
                 replica: replica_id,
                 settings: self,
                 uploading: Arc::default(),
+                marks_listed: std::sync::Mutex::default(),
             },
             replica,
             position: std::sync::atomic::AtomicU64::new(position),
@@ -328,6 +329,7 @@ impl<R: Replica> Runtime<R> {
             replica: self.replica.clone(),
             settings: self.settings.clone(),
             uploading: Arc::default(),
+            marks_listed: std::sync::Mutex::default(),
         };
         driver.run(&self, shutdown).await
     }
@@ -372,9 +374,15 @@ impl<R: Replica> Runtime<R> {
         let chain = chain_bytes(&chain_hash);
         let store = Arc::clone(&self.store);
         let keep = self.settings.keep_snapshots;
-        tokio::task::spawn_blocking(move || store.save(position, chain, &bytes, keep))
-            .await
-            .map_err(|e| RuntimeError::Config(format!("snapshot task failed: {e}")))??;
+        let pinned = match self.pinned.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        tokio::task::spawn_blocking(move || {
+            store.save_keeping(position, chain, &bytes, keep, &pinned)
+        })
+        .await
+        .map_err(|e| RuntimeError::Config(format!("snapshot task failed: {e}")))??;
         self.set_state(position, chain_hash, state);
         Ok(())
     }
@@ -476,32 +484,45 @@ impl<R: Replica> Target for Runtime<R> {
 
     /// Removes the snapshots after `target` and restores the newest state at or before it:
     /// local, else the broker's verified snapshot, else the empty state.
-    async fn restore(&self, target: u64) -> Result<u64, RuntimeError> {
+    async fn restore(&self, target: u64, empty_ok: bool) -> Result<u64, RuntimeError> {
+        // Nothing is removed until a state to return to is found: a replica that cannot roll
+        // back stops with its snapshots as they were.
         let store = Arc::clone(&self.store);
-        let local = tokio::task::spawn_blocking(move || {
-            store.remove_after(target)?;
-            store.newest_valid_at_or_before(target)
-        })
-        .await
-        .map_err(|e| RuntimeError::Config(format!("snapshot task failed: {e}")))??;
-        if let Some(snapshot) = local {
-            let state: R::State = decode_state(&snapshot.bytes)?;
-            let chain = blake3::Hash::from_bytes(snapshot.chain_hash)
-                .to_hex()
-                .to_string();
-            self.set_state(snapshot.position, chain, state);
-            return Ok(snapshot.position);
-        }
-        match self.fetch_verified(Some(target)).await {
-            Ok(Some((position, chain_hash, bytes))) => {
-                self.install(position, chain_hash, bytes).await?;
-                return Ok(position);
+        let local = tokio::task::spawn_blocking(move || store.newest_valid_at_or_before(target))
+            .await
+            .map_err(|e| RuntimeError::Config(format!("snapshot task failed: {e}")))??;
+        let (position, chain_hash, state) = match local {
+            Some(snapshot) => {
+                let chain = blake3::Hash::from_bytes(snapshot.chain_hash)
+                    .to_hex()
+                    .to_string();
+                (snapshot.position, chain, decode_state(&snapshot.bytes)?)
             }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "verified snapshot refused; replaying instead"),
-        }
-        self.set_state(0, String::new(), R::State::default());
-        Ok(0)
+            None => match self.fetch_verified(Some(target)).await {
+                Ok(Some((position, chain_hash, bytes))) => {
+                    (position, chain_hash, decode_state(&bytes)?)
+                }
+                found => {
+                    if let Err(e) = found {
+                        tracing::warn!(error = %e, "verified snapshot refused; replaying instead");
+                    }
+                    if !empty_ok {
+                        return Err(RuntimeError::Rollback(format!(
+                            "no snapshot at or before position {target}, locally or verified at \
+                             the broker, and this replica's history starts at 'now': its state \
+                             there cannot be rebuilt"
+                        )));
+                    }
+                    (0, String::new(), R::State::default())
+                }
+            },
+        };
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || store.remove_after(target))
+            .await
+            .map_err(|e| RuntimeError::Config(format!("snapshot task failed: {e}")))??;
+        self.set_state(position, chain_hash, state);
+        Ok(position)
     }
 }
 
@@ -527,7 +548,13 @@ trait Target: Sync {
     ) -> impl Future<Output = Result<Option<Entries>, RuntimeError>> + Send;
     /// Returns the state to the newest point at or before `target` it can restore; returns that
     /// point's position (0: the empty state). The runtime then replays the rest up to `target`.
-    fn restore(&self, target: u64) -> impl Future<Output = Result<u64, RuntimeError>> + Send;
+    /// `empty_ok`: whether the empty state is a valid start (the replica's history starts at a
+    /// known point, not at 'now').
+    fn restore(
+        &self,
+        target: u64,
+        empty_ok: bool,
+    ) -> impl Future<Output = Result<u64, RuntimeError>> + Send;
 }
 
 /// How applying an event ended.
@@ -547,7 +574,13 @@ struct Driver {
     /// True while a snapshot upload runs: barriers during it upload nothing (a replica catching
     /// up passes many barriers; only the state it settles at matters).
     uploading: Arc<std::sync::atomic::AtomicBool>,
+    /// When the marks were last listed: at most every [`MARKS_INTERVAL`], not at every barrier
+    /// (a replica catching up passes many).
+    marks_listed: std::sync::Mutex<Option<Instant>>,
 }
+
+/// How often the runtime lists the broker's marks, to keep their snapshots.
+const MARKS_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Driver {
     async fn run(
@@ -655,9 +688,22 @@ impl Driver {
     /// report the state's hash so the broker can verify that every replica holds the same state
     /// here, and upload the snapshot if asked to.
     async fn at_barrier(&self, target: &impl Target, position: u64) -> Result<(), RuntimeError> {
-        match self.client.marks().await {
-            Ok(marks) => target.pin(marks.marks.iter().map(|m| m.position).collect()),
-            Err(e) => tracing::debug!(error = %e, "could not list marks"),
+        let due = {
+            let mut listed = match self.marks_listed.lock() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let due = listed.is_none_or(|at| at.elapsed() >= MARKS_INTERVAL);
+            if due {
+                *listed = Some(Instant::now());
+            }
+            due
+        };
+        if due {
+            match self.client.marks().await {
+                Ok(marks) => target.pin(marks.marks.iter().map(|m| m.position).collect()),
+                Err(e) => tracing::debug!(error = %e, "could not list marks"),
+            }
         }
         let Some(snapshot) = target.checkpoint().await? else {
             return Ok(());
@@ -774,7 +820,8 @@ impl Driver {
             from = at,
             "rolling back"
         );
-        let restored = target.restore(to).await?;
+        let empty_ok = self.settings.start != Start::Named(StartName::Now);
+        let restored = target.restore(to, empty_ok).await?;
         if restored > to {
             return Err(RuntimeError::Rollback(format!(
                 "the replica restored position {restored}, after the target {to}"
@@ -790,12 +837,7 @@ impl Driver {
                 Start::Named(StartName::Beginning) => {}
                 Start::Position { position } => request.after = position.saturating_sub(1),
                 Start::Time { time } => request.since = Some(*time),
-                Start::Named(StartName::Now) => {
-                    return Err(RuntimeError::Rollback(format!(
-                        "no snapshot at or before position {to}, and this replica's history \
-                         starts at 'now': its state there cannot be rebuilt"
-                    )));
-                }
+                Start::Named(StartName::Now) => {}
             }
         }
         let mut pages = self.client.pages(request);
@@ -1016,7 +1058,7 @@ impl<E: ExternalReplica> Target for ExternalRuntime<E> {
         Ok(None)
     }
 
-    async fn restore(&self, target: u64) -> Result<u64, RuntimeError> {
+    async fn restore(&self, target: u64, _empty_ok: bool) -> Result<u64, RuntimeError> {
         match self.replica.roll_back(target) {
             None => Err(RuntimeError::Rollback(format!(
                 "a rollback to position {target} reached this replica, whose state lives in its \
