@@ -199,6 +199,7 @@ fn scan_page(log: &Log, query: &ReadQuery, head: u64) -> Result<Scan, ReadError>
     let mut passed_until = false;
     let filter_all = query.filter.is_all();
     let superseded = log.superseded();
+    let none_superseded = superseded.is_empty();
     let mut full = false;
     // Scans from `next_after`; a superseded range that is not wanted ends the scan, which starts
     // again after the range instead of reading through it.
@@ -224,7 +225,11 @@ fn scan_page(log: &Log, query: &ReadQuery, head: u64) -> Result<Scan, ReadError>
                 return ControlFlow::Break(());
             }
             scanned += 1;
-            let range = superseded.range_of(record.position);
+            let range = if none_superseded {
+                None
+            } else {
+                superseded.range_of(record.position)
+            };
             if let (Some((_, last)), false) = (range, query.include_superseded) {
                 skip_to = Some(last.min(head).min(query.until_position.unwrap_or(u64::MAX)));
                 return ControlFlow::Break(());

@@ -557,6 +557,19 @@ trait Target: Sync {
     ) -> impl Future<Output = Result<u64, RuntimeError>> + Send;
 }
 
+/// Applies one event, or records a control record as applied.
+fn apply_once(
+    target: &impl Target,
+    event: &crate::Event,
+    meta: &EventMeta,
+) -> Result<(), ApplyError> {
+    if is_reserved(&event.event_type) {
+        target.skip(event)
+    } else {
+        target.apply(event, meta)
+    }
+}
+
 /// How applying an event ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -900,50 +913,60 @@ impl Driver {
             time: event.time,
             hash: event.hash.clone(),
         };
+        match apply_once(target, event, &meta) {
+            Ok(()) => Outcome::Applied,
+            // The retry loop's future (HTTP calls included) is boxed: the one built for every
+            // event stays small.
+            Err(e) => Box::pin(self.retry_apply(target, event, &meta, e)).await,
+        }
+    }
+
+    /// Retries a failing apply with backoff, reporting the replica stuck, until it succeeds or a
+    /// rollback supersedes the event.
+    async fn retry_apply(
+        &self,
+        target: &impl Target,
+        event: &crate::Event,
+        meta: &EventMeta,
+        first: ApplyError,
+    ) -> Outcome {
         let mut delay = Duration::from_millis(100);
         let mut failures = 0u32;
+        let mut error = first;
         loop {
-            let result = if is_reserved(&event.event_type) {
-                target.skip(event)
-            } else {
-                target.apply(event, &meta)
-            };
-            match result {
+            failures += 1;
+            tracing::error!(
+                service = %self.service,
+                replica = %self.replica,
+                position = event.position,
+                error = %error,
+                failures,
+                "stuck: applying this event fails; retrying, never skipping"
+            );
+            if failures == 1 {
+                let stuck = Stuck {
+                    position: event.position,
+                    error: error.to_string(),
+                };
+                self.report_stuck(Some(stuck)).await;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(MAX_BACKOFF);
+            if self.superseded(event.position).await {
+                tracing::warn!(
+                    position = event.position,
+                    "the failing event was superseded by a rollback; moving on"
+                );
+                self.report_stuck(None).await;
+                return Outcome::Superseded;
+            }
+            match apply_once(target, event, meta) {
                 Ok(()) => {
-                    if failures > 0 {
-                        tracing::info!(position = event.position, failures, "apply recovered");
-                        self.report_stuck(None).await;
-                    }
+                    tracing::info!(position = event.position, failures, "apply recovered");
+                    self.report_stuck(None).await;
                     return Outcome::Applied;
                 }
-                Err(e) => {
-                    failures += 1;
-                    tracing::error!(
-                        service = %self.service,
-                        replica = %self.replica,
-                        position = event.position,
-                        error = %e,
-                        failures,
-                        "stuck: applying this event fails; retrying, never skipping"
-                    );
-                    if failures == 1 {
-                        let stuck = Stuck {
-                            position: event.position,
-                            error: e.to_string(),
-                        };
-                        self.report_stuck(Some(stuck)).await;
-                    }
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(MAX_BACKOFF);
-                    if self.superseded(event.position).await {
-                        tracing::warn!(
-                            position = event.position,
-                            "the failing event was superseded by a rollback; moving on"
-                        );
-                        self.report_stuck(None).await;
-                        return Outcome::Superseded;
-                    }
-                }
+                Err(e) => error = e,
             }
         }
     }

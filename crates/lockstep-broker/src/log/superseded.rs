@@ -37,6 +37,11 @@ impl Superseded {
         &self.rollbacks
     }
 
+    /// Whether nothing is superseded (no rollback yet, or only empty ones).
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
     /// Whether `position` is superseded.
     pub fn contains(&self, position: u64) -> bool {
         self.range_of(position).is_some()
