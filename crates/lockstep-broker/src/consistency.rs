@@ -74,14 +74,16 @@ impl Reports {
         })
     }
 
-    /// Every replica's report at one barrier of a service.
-    pub(crate) fn at_barrier(
+    /// Every replica's row of `table` at one barrier of a service, decoded by `decode`.
+    fn rows_at<T>(
         &self,
+        table: TableDefinition<(&str, u64, &str), &[u8]>,
         service: &str,
         position: u64,
-    ) -> Result<BTreeMap<String, StoredReport>, StoreError> {
+        decode: impl Fn(&[u8]) -> Result<T, StoreError>,
+    ) -> Result<BTreeMap<String, T>, StoreError> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(REPORTS)?;
+        let table = txn.open_table(table)?;
         let mut out = BTreeMap::new();
         for entry in table.range((service, position, "")..)? {
             let (key, value) = entry?;
@@ -89,7 +91,18 @@ impl Reports {
             if s != service || p != position {
                 break;
             }
-            let value = value.value();
+            out.insert(replica.to_owned(), decode(value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Every replica's report at one barrier of a service.
+    pub(crate) fn at_barrier(
+        &self,
+        service: &str,
+        position: u64,
+    ) -> Result<BTreeMap<String, StoredReport>, StoreError> {
+        self.rows_at(REPORTS, service, position, |value| {
             let mut state = [0; 32];
             state.copy_from_slice(
                 value
@@ -105,9 +118,8 @@ impl Reports {
                     })
                     .collect()
             });
-            out.insert(replica.to_owned(), StoredReport { state, buckets });
-        }
-        Ok(out)
+            Ok(StoredReport { state, buckets })
+        })
     }
 
     /// Stores a replica's entries of some buckets at a barrier.
@@ -133,20 +145,10 @@ impl Reports {
         service: &str,
         position: u64,
     ) -> Result<BTreeMap<String, EntriesReport>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(ENTRIES)?;
-        let mut out = BTreeMap::new();
-        for entry in table.range((service, position, "")..)? {
-            let (key, value) = entry?;
-            let (s, p, replica) = key.value();
-            if s != service || p != position {
-                break;
-            }
-            let report: EntriesReport = serde_json::from_slice(value.value())
-                .map_err(|e| StoreError::new(format!("stored entries: {e}")))?;
-            out.insert(replica.to_owned(), report);
-        }
-        Ok(out)
+        self.rows_at(ENTRIES, service, position, |value| {
+            serde_json::from_slice(value)
+                .map_err(|e| StoreError::new(format!("stored entries: {e}")))
+        })
     }
 
     /// The stored pause state (not paused when none is stored).
@@ -395,15 +397,7 @@ impl Broker {
     /// Stores a replica's state-hash report; answers with the entries the broker wants from it
     /// to explain a divergence (see [`crate::explain`]).
     pub async fn report(&self, report: StateReport) -> Result<ReportAnswer, ReportError> {
-        validate_name("service", &report.service).map_err(ReportError::Invalid)?;
-        validate_name("replica", &report.replica).map_err(ReportError::Invalid)?;
-        let head = self.inner.log.tip().position;
-        if report.position == 0 || report.position > head {
-            return Err(ReportError::Invalid(format!(
-                "position {} is not in the log (head {head})",
-                report.position
-            )));
-        }
+        self.check_reporter(&report.service, &report.replica, report.position)?;
         let parse = |what: &str, hex: &str| {
             ChainHash::from_hex(hex)
                 .map(|h| h.0)
@@ -432,6 +426,24 @@ impl Broker {
         .await
         .map_err(|e| StoreError::new(format!("report task failed: {e}")))??;
         Ok(answer)
+    }
+
+    /// Checks the names and barrier position a replica reports with.
+    pub(crate) fn check_reporter(
+        &self,
+        service: &str,
+        replica: &str,
+        position: u64,
+    ) -> Result<(), ReportError> {
+        validate_name("service", service).map_err(ReportError::Invalid)?;
+        validate_name("replica", replica).map_err(ReportError::Invalid)?;
+        let head = self.inner.log.tip().position;
+        if position == 0 || position > head {
+            return Err(ReportError::Invalid(format!(
+                "position {position} is not in the log (head {head})"
+            )));
+        }
+        Ok(())
     }
 
     /// Verification of every service (or one).

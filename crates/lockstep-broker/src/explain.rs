@@ -18,7 +18,6 @@ use lockstep_proto::consistency::{
     MAX_EXPLAIN_ENTRIES, OddReplica, ReportAnswer, StateReport, bucket_of,
 };
 use lockstep_proto::record::ChainHash;
-use lockstep_proto::subscription::validate_name;
 
 use crate::Broker;
 use crate::consistency::{ReportError, Reports, StoredReport, majority};
@@ -126,15 +125,7 @@ fn differing_buckets(at: &BTreeMap<String, StoredReport>) -> Option<Vec<u32>> {
 impl Broker {
     /// Stores a replica's entries of some buckets at a barrier.
     pub async fn report_entries(&self, report: EntriesReport) -> Result<(), ReportError> {
-        validate_name("service", &report.service).map_err(ReportError::Invalid)?;
-        validate_name("replica", &report.replica).map_err(ReportError::Invalid)?;
-        let head = self.inner.log.tip().position;
-        if report.position == 0 || report.position > head {
-            return Err(ReportError::Invalid(format!(
-                "position {} is not in the log (head {head})",
-                report.position
-            )));
-        }
+        self.check_reporter(&report.service, &report.replica, report.position)?;
         if report.entries.len() > MAX_EXPLAIN_ENTRIES {
             return Err(ReportError::Invalid(format!(
                 "{} entries: at most {MAX_EXPLAIN_ENTRIES} per report",
