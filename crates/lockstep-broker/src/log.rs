@@ -734,7 +734,10 @@ impl Writer {
         }
         let superseded = match &self.pending {
             Some(pending) => pending.contains(position),
-            None => self.committed_superseded().contains(position),
+            None => match self.superseded.read() {
+                Ok(guard) => guard.contains(position),
+                Err(poisoned) => poisoned.into_inner().contains(position),
+            },
         };
         chunk::get(events, position, |record, hash| Appended {
             position,
