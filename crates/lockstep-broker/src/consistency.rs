@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use lockstep_proto::consistency::{
-    BARRIER_TYPE, CreateMark, EXPLAIN_BUCKETS, EntriesReport, Mark, MarkAt, MarkAtName, MarkList,
-    PauseState, ReplicaStanding, ReportAnswer, ServiceVerification, StateReport, Verdict,
-    Verification,
+    BARRIER_TYPE, BarrierGroups, CreateMark, EXPLAIN_BUCKETS, EntriesReport, HashGroup, Mark,
+    MarkAt, MarkAtName, MarkList, PauseState, RECENT_BARRIERS, ReplicaStanding, ReportAnswer,
+    ServiceVerification, StateReport, Verdict, Verification,
 };
 use lockstep_proto::record::ChainHash;
 use lockstep_proto::subscription::validate_name;
@@ -372,6 +372,27 @@ fn verify(reports: &ReportMap) -> Vec<ServiceVerification> {
                     diverged_at: diverged_at.get(replica).copied(),
                 })
                 .collect();
+            let recent = barriers
+                .iter()
+                .rev()
+                .take(RECENT_BARRIERS)
+                .map(|(&position, by_replica)| {
+                    let mut groups: BTreeMap<&[u8; 32], Vec<String>> = BTreeMap::new();
+                    for (replica, hash) in by_replica {
+                        groups.entry(hash).or_default().push(replica.clone());
+                    }
+                    let mut groups: Vec<HashGroup> = groups
+                        .into_iter()
+                        .map(|(hash, replicas)| HashGroup {
+                            state_hash: hex(hash),
+                            replicas,
+                        })
+                        .collect();
+                    // Stable: equal sizes keep hash order, as the majority's tie-break does.
+                    groups.sort_by_key(|g| std::cmp::Reverse(g.replicas.len()));
+                    BarrierGroups { position, groups }
+                })
+                .collect();
             ServiceVerification {
                 service: service.clone(),
                 verdict,
@@ -379,6 +400,7 @@ fn verify(reports: &ReportMap) -> Vec<ServiceVerification> {
                 state_hash: last_compared.and_then(|p| majority_at.get(&p)).map(hex),
                 replicas,
                 last_verified_barrier: last_verified,
+                recent,
             }
         })
         .collect()
@@ -634,5 +656,18 @@ mod tests {
         );
         assert_eq!(v[1].verdict, Verdict::Verified);
         assert_eq!(v[2].verdict, Verdict::Unknown);
+        // The latest barriers, newest first, each with its replicas grouped by hash.
+        let recent: Vec<(u64, Vec<usize>)> = bank
+            .recent
+            .iter()
+            .map(|b| {
+                (
+                    b.position,
+                    b.groups.iter().map(|g| g.replicas.len()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(recent, [(30, vec![2, 1]), (20, vec![2, 1]), (10, vec![3])]);
+        assert_eq!(bank.recent[0].groups[1].replicas, ["c"]);
     }
 }

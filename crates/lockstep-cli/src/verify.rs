@@ -132,6 +132,9 @@ pub async fn verify(
         }
     }
     if !json {
+        for s in &verification.services {
+            print_recent(s);
+        }
         for e in &explanations {
             print_explanation(e);
         }
@@ -154,6 +157,32 @@ pub async fn verify(
         return Err(Diverged(format!("replicas diverged: {}", diverged.join("; "))).into());
     }
     Ok(())
+}
+
+/// The latest barriers of a service, each with its replicas grouped by state hash.
+fn print_recent(s: &lockstep::ServiceVerification) {
+    if s.recent.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "{}: latest barriers, replicas grouped by state hash",
+        s.service
+    );
+    for barrier in &s.recent {
+        let groups: Vec<String> = barrier
+            .groups
+            .iter()
+            .map(|g| {
+                format!(
+                    "{} {}",
+                    &g.state_hash[..12.min(g.state_hash.len())],
+                    g.replicas.join(",")
+                )
+            })
+            .collect();
+        println!("  {:>10}  {}", barrier.position, groups.join("  |  "));
+    }
 }
 
 fn print_explanation(e: &lockstep::Explanation) {

@@ -255,7 +255,8 @@ async fn acknowledged_rollbacks_and_snapshots_survive_sigkill() {
     }
     assert_eq!(live.len() + superseded as usize, all.len());
     assert!(live.iter().all(|e| !e.superseded));
-    for hash in blobs.lock().unwrap().iter() {
+    let blobs = blobs.lock().unwrap().clone();
+    for hash in &blobs {
         client.download_snapshot(hash).await.unwrap();
     }
     let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("snapshots"))

@@ -191,6 +191,31 @@ pub struct ServiceVerification {
     /// The latest barrier at which every reporting replica agreed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_verified_barrier: Option<u64>,
+    /// The latest barriers (up to [`RECENT_BARRIERS`], newest first) with the replicas that
+    /// reported there grouped by state hash, largest group first.
+    #[serde(default)]
+    pub recent: Vec<BarrierGroups>,
+}
+
+/// Barriers [`ServiceVerification::recent`] shows.
+pub const RECENT_BARRIERS: usize = 5;
+
+/// One barrier's reports, grouped by state hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BarrierGroups {
+    /// The barrier.
+    pub position: u64,
+    /// One group per distinct state hash, largest first (ties by hash).
+    pub groups: Vec<HashGroup>,
+}
+
+/// The replicas that reported one state hash at a barrier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HashGroup {
+    /// The state hash, hex.
+    pub state_hash: String,
+    /// The replicas, by name.
+    pub replicas: Vec<String>,
 }
 
 /// `GET /v1/verify`.

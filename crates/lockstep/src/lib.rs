@@ -36,10 +36,10 @@ mod subscription;
 
 pub use client::{Client, ClientError, Pages, ReadRequest};
 pub use lockstep_proto::consistency::{
-    BARRIER_TYPE, EntriesReport, EntryHash, Explanation, KeyDifference, Mark, MarkAt, MarkAtName,
-    MarkList, OddReplica, PauseState, ROLLBACK_TYPE, RedriveResult, Redriven, ReplicaStanding,
-    ReportAnswer, Rollback, RollbackData, RollbackList, RollbackTo, ServiceVerification,
-    StateReport, Verdict, Verification, VerifiedSnapshot,
+    BARRIER_TYPE, BarrierGroups, EntriesReport, EntryHash, Explanation, HashGroup, KeyDifference,
+    Mark, MarkAt, MarkAtName, MarkList, OddReplica, PauseState, ROLLBACK_TYPE, RedriveResult,
+    Redriven, ReplicaStanding, ReportAnswer, Rollback, RollbackData, RollbackList, RollbackTo,
+    ServiceVerification, StateReport, Verdict, Verification, VerifiedSnapshot,
 };
 pub use lockstep_proto::subscription::{
     End, PushFormat, Start, StartName, SubscriptionInfo, SubscriptionList, SubscriptionSpec,
