@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::ControlFlow;
+use std::sync::PoisonError;
 
 use lockstep_proto::consistency::{
     EXPLAIN_BUCKETS, EntriesReport, ExplainRequest, Explanation, KeyDifference,
@@ -49,10 +50,10 @@ pub(crate) fn answer(reports: &Reports, report: &StateReport) -> Result<ReportAn
     }
     let at = reports.at_barrier(&report.service, report.position)?;
     let wanted = {
-        let mut wanted = match reports.wanted.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut wanted = reports
+            .wanted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let service = wanted.entry(report.service.clone()).or_default();
         if let Some(buckets) = differing_buckets(&at) {
             let entry = service.entry(report.position).or_default();
@@ -87,10 +88,10 @@ pub(crate) fn answer(reports: &Reports, report: &StateReport) -> Result<ReportAn
 
 /// Notes that a replica sent the entries of some buckets at a barrier.
 fn record_sent(reports: &Reports, report: &EntriesReport) {
-    let mut wanted = match reports.wanted.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
-    };
+    let mut wanted = reports
+        .wanted
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     if let Some(w) = wanted
         .get_mut(&report.service)
         .and_then(|s| s.get_mut(&report.position))
@@ -216,10 +217,12 @@ impl Broker {
         };
         explanation.barrier = Some(barrier);
         let capped = {
-            let wanted = match self.inner.reports.wanted.lock() {
-                Ok(guard) => guard,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let wanted = self
+                .inner
+                .reports
+                .wanted
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             wanted
                 .get(service)
                 .and_then(|s| s.get(&barrier))

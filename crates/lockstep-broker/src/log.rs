@@ -19,7 +19,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ops::ControlFlow;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::thread::JoinHandle;
 
 use chrono::Utc;
@@ -235,10 +235,12 @@ impl Log {
 
     /// The positions superseded by rollbacks, as of the last commit.
     pub fn superseded(&self) -> Arc<Superseded> {
-        match self.superseded.read() {
-            Ok(guard) => Arc::clone(&guard),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
+        Arc::clone(
+            &self
+                .superseded
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 
     /// Appends `drafts` atomically and durably; answers once the commit is on disk.
@@ -506,10 +508,10 @@ impl Writer {
             Ok(results) => {
                 // Readers must see a rollback's superseded range before its record.
                 if let Some(superseded) = self.pending.take() {
-                    match self.superseded.write() {
-                        Ok(mut guard) => *guard = Arc::new(superseded),
-                        Err(poisoned) => *poisoned.into_inner() = Arc::new(superseded),
-                    }
+                    *self
+                        .superseded
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner) = Arc::new(superseded);
                 }
                 self.published.send_replace(self.tip);
                 self.metrics
@@ -712,10 +714,12 @@ impl Writer {
 impl Writer {
     /// The superseded positions as of the last commit.
     fn committed_superseded(&self) -> Superseded {
-        match self.superseded.read() {
-            Ok(guard) => Superseded::clone(&guard),
-            Err(poisoned) => Superseded::clone(&poisoned.into_inner()),
-        }
+        Superseded::clone(
+            &self
+                .superseded
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 
     /// The original of an event stored earlier, as a duplicate's answer.
@@ -734,10 +738,11 @@ impl Writer {
         }
         let superseded = match &self.pending {
             Some(pending) => pending.contains(position),
-            None => match self.superseded.read() {
-                Ok(guard) => guard.contains(position),
-                Err(poisoned) => poisoned.into_inner().contains(position),
-            },
+            None => self
+                .superseded
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(position),
         };
         chunk::get(events, position, |record, hash| Appended {
             position,

@@ -13,6 +13,7 @@
 
 use std::collections::HashSet;
 use std::ops::ControlFlow;
+use std::sync::PoisonError;
 
 use chrono::Utc;
 use lockstep_proto::RecordRef;
@@ -229,10 +230,11 @@ impl Broker {
 
     /// Whether publishing is paused.
     pub fn pause_state(&self) -> PauseState {
-        match self.inner.paused.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.inner
+            .paused
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Pauses (`Some(reason)`) or resumes (`None`) publishing; survives restarts.
@@ -257,10 +259,11 @@ impl Broker {
         tokio::task::spawn_blocking(move || reports.store_pause(&stored))
             .await
             .map_err(|e| StoreError::new(format!("pause task failed: {e}")))??;
-        match self.inner.paused.write() {
-            Ok(mut guard) => *guard = state.clone(),
-            Err(poisoned) => *poisoned.into_inner() = state.clone(),
-        }
+        *self
+            .inner
+            .paused
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = state.clone();
         tracing::warn!(paused = state.paused, reason = ?state.reason, "publishing paused state changed");
         Ok(state)
     }

@@ -20,12 +20,12 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use lockstep_proto::consistency::{
-    BARRIER_TYPE, EntriesReport, EntryHash, MAX_EXPLAIN_ENTRIES, ROLLBACK_TYPE, RollbackData,
-    StateReport, bucket_hashes, bucket_of,
+    BARRIER_TYPE, EntriesReport, EntryHash, ExplainRequest, MAX_EXPLAIN_ENTRIES, ROLLBACK_TYPE,
+    RollbackData, StateReport, bucket_hashes, bucket_of,
 };
 use lockstep_proto::names::is_reserved;
 use lockstep_proto::record::ChainHash;
@@ -194,10 +194,7 @@ impl RuntimeBuilder {
             Some(snapshot) => {
                 let state: R::State = decode_state(&snapshot.bytes)?;
                 tracing::info!(position = snapshot.position, "restored the newest snapshot");
-                let hash = blake3::Hash::from_bytes(snapshot.chain_hash)
-                    .to_hex()
-                    .to_string();
-                (snapshot.position, hash, state)
+                (snapshot.position, hex(&snapshot.chain_hash), state)
             }
             None => (0, String::new(), R::State::default()),
         };
@@ -242,10 +239,7 @@ impl<S> Clone for StateHandle<S> {
 impl<S> StateHandle<S> {
     /// Calls `f` with the state and the position it includes everything up to.
     pub fn read<T>(&self, f: impl FnOnce(&S, u64) -> T) -> T {
-        let guard = match self.inner.read() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let guard = self.inner.read().unwrap_or_else(PoisonError::into_inner);
         f(&guard.state, guard.position)
     }
 
@@ -374,10 +368,11 @@ impl<R: Replica> Runtime<R> {
         let chain = chain_bytes(&chain_hash);
         let store = Arc::clone(&self.store);
         let keep = self.settings.keep_snapshots;
-        let pinned = match self.pinned.lock() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
+        let pinned = self
+            .pinned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         tokio::task::spawn_blocking(move || {
             store.save_keeping(position, chain, &bytes, keep, &pinned)
         })
@@ -388,10 +383,11 @@ impl<R: Replica> Runtime<R> {
     }
 
     fn set_state(&self, position: u64, chain_hash: String, state: R::State) {
-        let mut guard = match self.state.inner.write() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut guard = self
+            .state
+            .inner
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         *guard = Applied {
             position,
             chain_hash,
@@ -407,10 +403,11 @@ impl<R: Replica> Target for Runtime<R> {
 
     fn apply(&self, event: &crate::Event, meta: &EventMeta) -> Result<(), ApplyError> {
         let decoded = decode::<R>(&event.event_type, event.data.as_deref())?;
-        let mut guard = match self.state.inner.write() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut guard = self
+            .state
+            .inner
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         R::apply(&mut guard.state, decoded, meta)?;
         guard.position = event.position;
         guard.chain_hash.clone_from(&event.hash);
@@ -418,10 +415,11 @@ impl<R: Replica> Target for Runtime<R> {
     }
 
     fn skip(&self, event: &crate::Event) -> Result<(), ApplyError> {
-        let mut guard = match self.state.inner.write() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut guard = self
+            .state
+            .inner
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         guard.position = event.position;
         guard.chain_hash.clone_from(&event.hash);
         Ok(())
@@ -448,10 +446,11 @@ impl<R: Replica> Target for Runtime<R> {
         }
         let store = Arc::clone(&self.store);
         let keep = self.settings.keep_snapshots;
-        let pinned = match self.pinned.lock() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
+        let pinned = self
+            .pinned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let snapshot = tokio::task::spawn_blocking(move || {
             store.save_keeping(position, chain_hash, &bytes, keep, &pinned)
         })
@@ -476,10 +475,7 @@ impl<R: Replica> Target for Runtime<R> {
     }
 
     fn pin(&self, positions: Vec<u64>) {
-        match self.pinned.lock() {
-            Ok(mut guard) => *guard = positions,
-            Err(poisoned) => *poisoned.into_inner() = positions,
-        }
+        *self.pinned.lock().unwrap_or_else(PoisonError::into_inner) = positions;
     }
 
     /// Removes the snapshots after `target` and restores the newest state at or before it:
@@ -492,12 +488,11 @@ impl<R: Replica> Target for Runtime<R> {
             .await
             .map_err(|e| RuntimeError::Config(format!("snapshot task failed: {e}")))??;
         let (position, chain_hash, state) = match local {
-            Some(snapshot) => {
-                let chain = blake3::Hash::from_bytes(snapshot.chain_hash)
-                    .to_hex()
-                    .to_string();
-                (snapshot.position, chain, decode_state(&snapshot.bytes)?)
-            }
+            Some(snapshot) => (
+                snapshot.position,
+                hex(&snapshot.chain_hash),
+                decode_state(&snapshot.bytes)?,
+            ),
             None => match self.fetch_verified(Some(target)).await {
                 Ok(Some((position, chain_hash, bytes))) => {
                     (position, chain_hash, decode_state(&bytes)?)
@@ -701,28 +696,11 @@ impl Driver {
     /// report the state's hash so the broker can verify that every replica holds the same state
     /// here, and upload the snapshot if asked to.
     async fn at_barrier(&self, target: &impl Target, position: u64) -> Result<(), RuntimeError> {
-        let due = {
-            let mut listed = match self.marks_listed.lock() {
-                Ok(guard) => guard,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            let due = listed.is_none_or(|at| at.elapsed() >= MARKS_INTERVAL);
-            if due {
-                *listed = Some(Instant::now());
-            }
-            due
-        };
-        if due {
-            match self.client.marks().await {
-                Ok(marks) => target.pin(marks.marks.iter().map(|m| m.position).collect()),
-                Err(e) => tracing::debug!(error = %e, "could not list marks"),
-            }
-        }
+        self.refresh_pins(target).await;
         let Some(snapshot) = target.checkpoint().await? else {
             return Ok(());
         };
         let entries = target.entries(None).await?;
-        let hex = |h: &[u8; 32]| blake3::Hash::from_bytes(*h).to_hex().to_string();
         let report = StateReport {
             service: self.service.clone(),
             replica: self.replica.clone(),
@@ -736,50 +714,19 @@ impl Driver {
         match self.client.report_state(&report).await {
             Ok(answer) => {
                 for request in answer.explain {
-                    let at = request.position;
-                    let found = if at == position {
-                        entries.clone()
-                    } else {
-                        target.entries(Some(at)).await?
-                    };
-                    let Some(found) = found else {
-                        tracing::debug!(at, "entries asked for, but that snapshot is gone");
-                        continue;
-                    };
-                    let mut wanted: Vec<&(String, [u8; 32])> = found
-                        .iter()
-                        .filter(|(key, _)| request.buckets.contains(&bucket_of(key)))
-                        .collect();
-                    wanted.sort_by(|a, b| a.0.cmp(&b.0));
-                    let truncated = wanted.len() > MAX_EXPLAIN_ENTRIES;
-                    wanted.truncate(MAX_EXPLAIN_ENTRIES);
-                    let report = EntriesReport {
-                        service: self.service.clone(),
-                        replica: self.replica.clone(),
-                        position: at,
-                        entries: wanted
-                            .into_iter()
-                            .map(|(key, hash)| EntryHash {
-                                key: key.clone(),
-                                hash: hex(hash),
-                            })
-                            .collect(),
-                        buckets: request.buckets,
-                        truncated,
-                    };
-                    if let Err(e) = self.client.report_entries(&report).await {
-                        tracing::warn!(error = %e, at, "could not send entries to explain");
-                    }
+                    self.send_entries(target, position, entries.as_ref(), request)
+                        .await?;
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, position, "could not report the state hash at a barrier");
             }
         }
-        let idle = !self
-            .uploading
-            .swap(true, std::sync::atomic::Ordering::AcqRel);
-        if self.settings.upload_snapshots && idle {
+        if self.settings.upload_snapshots
+            && !self
+                .uploading
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
             let (client, uploading) = (self.client.clone(), Arc::clone(&self.uploading));
             tokio::spawn(async move {
                 let hash = snapshot.state_hash_hex();
@@ -790,9 +737,72 @@ impl Driver {
                 }
                 uploading.store(false, std::sync::atomic::Ordering::Release);
             });
-        } else if idle {
-            self.uploading
-                .store(false, std::sync::atomic::Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Lists the broker's marks (at most every [`MARKS_INTERVAL`]) so their snapshots are kept.
+    async fn refresh_pins(&self, target: &impl Target) {
+        {
+            let mut listed = self
+                .marks_listed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if listed.is_some_and(|at| at.elapsed() < MARKS_INTERVAL) {
+                return;
+            }
+            *listed = Some(Instant::now());
+        }
+        match self.client.marks().await {
+            Ok(marks) => target.pin(marks.marks.iter().map(|m| m.position).collect()),
+            Err(e) => tracing::debug!(error = %e, "could not list marks"),
+        }
+    }
+
+    /// Sends the entries the broker asked for to explain a divergence: from the state at this
+    /// barrier (`current`, its entries) or from the local snapshot at an earlier one.
+    async fn send_entries(
+        &self,
+        target: &impl Target,
+        barrier: u64,
+        current: Option<&Entries>,
+        request: ExplainRequest,
+    ) -> Result<(), RuntimeError> {
+        let at = request.position;
+        let earlier;
+        let found = if at == barrier {
+            current
+        } else {
+            earlier = target.entries(Some(at)).await?;
+            earlier.as_ref()
+        };
+        let Some(found) = found else {
+            tracing::debug!(at, "entries asked for, but that snapshot is gone");
+            return Ok(());
+        };
+        let mut wanted: Vec<&(String, [u8; 32])> = found
+            .iter()
+            .filter(|(key, _)| request.buckets.contains(&bucket_of(key)))
+            .collect();
+        wanted.sort_by(|a, b| a.0.cmp(&b.0));
+        let truncated = wanted.len() > MAX_EXPLAIN_ENTRIES;
+        wanted.truncate(MAX_EXPLAIN_ENTRIES);
+        let report = EntriesReport {
+            service: self.service.clone(),
+            replica: self.replica.clone(),
+            position: at,
+            entries: wanted
+                .into_iter()
+                .map(|(key, hash)| EntryHash {
+                    key: key.clone(),
+                    hash: hex(hash),
+                })
+                .collect(),
+            buckets: request.buckets,
+            truncated,
+        };
+        if let Err(e) = self.client.report_entries(&report).await {
+            tracing::warn!(error = %e, at, "could not send entries to explain");
         }
         Ok(())
     }
@@ -1102,12 +1112,14 @@ impl<E: ExternalReplica> Target for ExternalRuntime<E> {
 
 impl<S> StateHandle<S> {
     fn inner_read<T>(&self, f: impl FnOnce(&Applied<S>) -> T) -> T {
-        let guard = match self.inner.read() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let guard = self.inner.read().unwrap_or_else(PoisonError::into_inner);
         f(&guard)
     }
+}
+
+/// A 32-byte hash as 64 hex characters.
+fn hex(hash: &[u8; 32]) -> String {
+    blake3::Hash::from_bytes(*hash).to_hex().to_string()
 }
 
 fn chain_bytes(hex: &str) -> [u8; 32] {
