@@ -189,12 +189,8 @@ impl Broker {
             latest.get_or_insert(explanation);
         }
         Ok(latest.unwrap_or_else(|| Explanation {
-            service: service.to_owned(),
-            barrier: None,
-            majority: Vec::new(),
-            odd: Vec::new(),
-            waiting_for: Vec::new(),
             note: Some("no barrier where this service's replicas disagree".into()),
+            ..Explanation::empty(service)
         }))
     }
 
@@ -204,14 +200,7 @@ impl Broker {
         barriers: &BTreeMap<u64, BTreeMap<String, [u8; 32]>>,
         barrier: u64,
     ) -> Result<Explanation, StoreError> {
-        let mut explanation = Explanation {
-            service: service.to_owned(),
-            barrier: None,
-            majority: Vec::new(),
-            odd: Vec::new(),
-            waiting_for: Vec::new(),
-            note: None,
-        };
+        let mut explanation = Explanation::empty(service);
         let Some(by_replica) = barriers.get(&barrier) else {
             return Ok(explanation);
         };
@@ -276,17 +265,14 @@ impl Broker {
                 .filter(|r| r.truncated)
                 .filter_map(last_key)
                 .min();
-            if up_to.is_some() {
-                explanation.note = Some(format!(
-                    "the differing buckets hold more than {MAX_EXPLAIN_ENTRIES} entries; keys \
-                     up to {:?} were compared, later ones may differ too",
-                    up_to.clone().unwrap_or_default()
-                ));
-            }
             let (mut ours, mut odd) = (side(reference), side(theirs));
             if let Some(last) = &up_to {
                 ours.retain(|k, _| k <= last);
                 odd.retain(|k, _| k <= last);
+                explanation.note = Some(format!(
+                    "the differing buckets hold more than {MAX_EXPLAIN_ENTRIES} entries; keys \
+                     up to {last:?} were compared, later ones may differ too"
+                ));
             }
             let keys: BTreeSet<&String> = ours.keys().chain(odd.keys()).collect();
             let differences: Vec<KeyDifference> = keys

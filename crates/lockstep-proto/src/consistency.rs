@@ -120,6 +120,20 @@ pub struct Explanation {
     pub note: Option<String>,
 }
 
+impl Explanation {
+    /// An explanation of `service` with nothing in it yet.
+    pub fn empty(service: &str) -> Self {
+        Self {
+            service: service.to_owned(),
+            barrier: None,
+            majority: Vec::new(),
+            odd: Vec::new(),
+            waiting_for: Vec::new(),
+            note: None,
+        }
+    }
+}
+
 /// One odd replica's differences from the majority.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OddReplica {
