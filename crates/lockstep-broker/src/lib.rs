@@ -248,6 +248,15 @@ impl Broker {
         }
     }
 
+    /// Whether anything besides this handle still holds the broker or one of its databases.
+    fn storage_shared(&self) -> bool {
+        Arc::strong_count(&self.inner) > 1
+            || self.inner.log.database_handles() > 1
+            || Arc::strong_count(&self.inner.registry) > 1
+            || Arc::strong_count(&self.inner.reports) > 1
+            || Arc::strong_count(&self.inner.snapshots) > 1
+    }
+
     /// Starts shutdown: refuses new publishes, wakes long-polls and streams, lets queued commits
     /// finish, writes acknowledged positions and stops the writer.
     pub async fn close(&self) {
@@ -284,19 +293,19 @@ pub async fn serve(
         .await;
     broker.close().await;
     // axum can return while a finished connection's task still holds a clone of the router, and
-    // so of the database. Wait for the last clone, so the data directory's lock is free for the
-    // next broker once `serve` returns.
-    let database = broker.inner.log.closed_when_dropped();
-    let inner = Arc::downgrade(&broker.inner);
-    drop(broker);
+    // so of the databases. Wait until this handle is the last, then drop it here: the databases
+    // close (their files' locks are released) on this thread, before `serve` returns, so the
+    // data directory is free for the next broker. (Waiting for a weak count to reach zero is not
+    // enough: it does so before the drop that closes the files has finished on another thread.)
     let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
-    while database.strong_count() > 0 || inner.strong_count() > 0 {
+    while broker.storage_shared() {
         if tokio::time::Instant::now() >= deadline {
             tracing::warn!("the database is still in use {CLOSE_TIMEOUT:?} after shutdown");
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
+    drop(broker);
     result
 }
 

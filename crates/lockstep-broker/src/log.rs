@@ -396,10 +396,9 @@ impl Log {
         Ok(found)
     }
 
-    /// A handle that stops upgrading once every clone of this log is gone and the database file
-    /// is closed (its lock released).
-    pub fn closed_when_dropped(&self) -> std::sync::Weak<Database> {
-        Arc::downgrade(&self.db)
+    /// How many handles share the database: clones of this log (and the writer until it stops).
+    pub fn database_handles(&self) -> usize {
+        Arc::strong_count(&self.db)
     }
 
     /// Stops the writer after the requests already queued, and waits for it.
