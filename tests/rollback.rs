@@ -135,6 +135,15 @@ async fn a_rollback_supersedes_without_deleting_and_survives_a_restart() {
         .map(|e| e["position"].as_u64().unwrap())
         .collect();
     assert_eq!(delivered, [1, 2, 3, 4, 11], "never delivered live again");
+    let info: serde_json::Value = http
+        .get(broker.at("/v1/subscriptions/audit/r"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["lag_events"], 5, "superseded events are no lag");
 
     let check = |broker: TestBroker| async move {
         let client = Client::new(&broker.url).unwrap();

@@ -214,9 +214,13 @@ impl Broker {
         let last = sub
             .end_position()
             .map_or(tip.position, |end| end.min(tip.position));
-        let lag_events = last.saturating_sub(position);
-        let next = position + 1;
-        let (oldest_ns, next_time_past_end) = if position < tip.position {
+        // Superseded events are never delivered: they are no lag.
+        let superseded = self.inner.log.superseded();
+        let lag_events = last
+            .saturating_sub(position)
+            .saturating_sub(superseded.count_between(position, last));
+        let next = superseded.next_live(position);
+        let (oldest_ns, next_time_past_end) = if next <= tip.position {
             let log = self.inner.log.clone();
             let time = tokio::task::spawn_blocking(move || log.get(next, |r, _| r.time_ns))
                 .await

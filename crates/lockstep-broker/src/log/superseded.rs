@@ -64,6 +64,25 @@ impl Superseded {
             .sum()
     }
 
+    /// How many positions in `(after, up_to]` are superseded.
+    pub fn count_between(&self, after: u64, up_to: u64) -> u64 {
+        self.ranges
+            .iter()
+            .map(|&(first, last)| {
+                let (lo, hi) = (first.max(after + 1), last.min(up_to));
+                if hi >= lo { hi - lo + 1 } else { 0 }
+            })
+            .sum()
+    }
+
+    /// The first live position after `after`.
+    pub fn next_live(&self, after: u64) -> u64 {
+        match self.range_of(after + 1) {
+            Some((_, last)) => last + 1,
+            None => after + 1,
+        }
+    }
+
     /// Whether a rollback record appended at `at` may name `target`: the target must be before
     /// the record and on the live log (a superseded position never had a live state).
     pub fn check_target(&self, target: u64, at: u64) -> Result<(), String> {
@@ -161,6 +180,16 @@ mod tests {
                 assert_eq!(s.contains(p as u64), superseded, "{rollbacks:?} at {p}");
             }
             assert_eq!(s.count(), model.iter().filter(|&&x| x).count() as u64);
+            for after in 0..32u64 {
+                for up_to in after..32u64 {
+                    let expected = (after + 1..=up_to).filter(|&p| model[p as usize]).count();
+                    assert_eq!(s.count_between(after, up_to), expected as u64);
+                }
+                let next = (after + 1..)
+                    .find(|&p| p >= 32 || !model[p as usize])
+                    .unwrap();
+                assert_eq!(s.next_live(after), next, "{rollbacks:?} after {after}");
+            }
         }
     }
 }
