@@ -668,3 +668,75 @@ async fn after_a_rollback_keys_and_ids_answer_for_the_live_log() {
         .unwrap();
     assert!(live_one.get("superseded").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_the_latest_verified_snapshots_and_those_marks_need() {
+    let broker = TestBroker::start().await;
+    let client = Client::new(&broker.url).unwrap();
+    let mut hashes = Vec::new();
+    for i in 0..5 {
+        broker.publish(&adds(i, i)).await;
+        let barrier = client.barrier().await.unwrap();
+        let hash = client
+            .upload_snapshot(format!("state {i}").into_bytes())
+            .await
+            .unwrap();
+        for replica in ["a", "b"] {
+            let report = lockstep::StateReport {
+                service: "svc".into(),
+                replica: replica.into(),
+                position: barrier,
+                state_hash: hash.clone(),
+                chain_hash: "0".repeat(64),
+                buckets: None,
+            };
+            client.report_state(&report).await.unwrap();
+        }
+        if i == 0 {
+            let at = lockstep::MarkAt::Position { position: barrier };
+            client.create_mark("first", at).await.unwrap();
+        }
+        hashes.push(hash);
+    }
+    let stray = client.upload_snapshot(b"nobody's".to_vec()).await.unwrap();
+    let gc = |body: serde_json::Value| {
+        let url = broker.at("/v1/snapshots/gc");
+        async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            response.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    // Just written: kept whatever, within the default grace.
+    let first = gc(json!({})).await;
+    assert_eq!(
+        (first["kept"].as_u64(), first["removed"].as_u64()),
+        (Some(6), Some(0))
+    );
+    let second = gc(json!({"grace_seconds": 0})).await;
+    assert_eq!(
+        (second["kept"].as_u64(), second["removed"].as_u64()),
+        (Some(4), Some(2))
+    );
+    for (i, hash) in hashes.iter().enumerate() {
+        let kept = i != 1; // the mark's (0) and the newest three verified (2, 3, 4)
+        assert_eq!(
+            client.has_snapshot(hash).await.unwrap(),
+            kept,
+            "snapshot {i}"
+        );
+    }
+    assert!(!client.has_snapshot(&stray).await.unwrap());
+    // A rollback to the mark still finds its verified snapshot.
+    let found = client
+        .verified_snapshot("svc", Some(2))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.state_hash, hashes[0]);
+}

@@ -17,7 +17,8 @@ use axum::{Json, Router};
 use chrono::DateTime;
 use lockstep_proto::TypeFilter;
 use lockstep_proto::consistency::{
-    CreateMark, EntriesReport, PauseRequest, RedriveRequest, RollbackRequest, StateReport,
+    CreateMark, EntriesReport, PauseRequest, RedriveRequest, RollbackRequest, SnapshotGcRequest,
+    StateReport,
 };
 use lockstep_proto::subscription::{Ack, ReplicaStatus, SubscriptionSpec};
 use lockstep_proto::wire::{ErrorBody, ErrorDetail, write_publish_response};
@@ -54,6 +55,7 @@ pub fn router(broker: Broker) -> Router {
         .route("/v1/resume", post(resume))
         .route("/v1/redrive", post(redrive))
         .route("/v1/snapshots/verified", get(verified_snapshot))
+        .route("/v1/snapshots/gc", post(collect_snapshots))
         .route(
             "/v1/snapshots/{hash}",
             get(get_snapshot)
@@ -838,6 +840,22 @@ async fn head_snapshot(State(broker): State<Broker>, path: HashPath) -> Result<R
         Some(size) => Ok(([(header::CONTENT_LENGTH, HeaderValue::from(size))], ()).into_response()),
         None => Ok(StatusCode::NOT_FOUND.into_response()),
     }
+}
+
+async fn collect_snapshots(
+    State(broker): State<Broker>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(body_error)?;
+    let request: SnapshotGcRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        SnapshotGcRequest::default()
+    } else {
+        json_body(Ok(body))?
+    };
+    let grace = request
+        .grace_seconds
+        .map_or(crate::snapshots::GC_GRACE, Duration::from_secs);
+    Ok(Json(broker.collect_snapshots(grace).await?).into_response())
 }
 
 #[derive(Debug, Deserialize)]

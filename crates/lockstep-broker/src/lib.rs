@@ -237,6 +237,7 @@ impl Broker {
             }
         }
         self.spawn_barriers();
+        self.spawn_snapshot_gc();
     }
 
     async fn flush_positions(&self) {

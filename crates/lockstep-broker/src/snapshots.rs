@@ -7,11 +7,18 @@
 //! A new replica bootstraps from the newest barrier at which every reporting replica of its
 //! service agreed and whose blob is here ([`Broker::verified_snapshot`]), instead of replaying
 //! the whole log.
+//!
+//! Retention ([`Broker::collect_snapshots`], every [`GC_INTERVAL`] and on request): per service,
+//! the blobs of the newest [`KEEP_VERIFIED`] verified barriers and, for every mark, of the newest
+//! verified barrier at or before it (what a rollback to the mark falls back on) are kept, and so
+//! is every blob written in the last [`GC_GRACE`]; the others are removed.
 
+use std::collections::HashSet;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
-use lockstep_proto::consistency::VerifiedSnapshot;
+use lockstep_proto::consistency::{SnapshotGc, VerifiedSnapshot};
 use lockstep_proto::record::ChainHash;
 
 use crate::Broker;
@@ -115,6 +122,49 @@ impl SnapshotBlobs {
     }
 }
 
+/// Verified barriers per service whose blobs retention keeps.
+pub const KEEP_VERIFIED: usize = 3;
+/// Blobs written within this long are kept whatever.
+pub const GC_GRACE: Duration = Duration::from_secs(600);
+/// How often a serving broker collects blobs.
+pub const GC_INTERVAL: Duration = Duration::from_secs(600);
+
+impl SnapshotBlobs {
+    /// Removes every blob not in `keep` and written before `grace` ago.
+    fn collect(&self, keep: &HashSet<[u8; 32]>, grace: Duration) -> Result<SnapshotGc, StoreError> {
+        let io = |what: &str, e: std::io::Error| StoreError::new(format!("{what}: {e}"));
+        let cutoff = SystemTime::now()
+            .checked_sub(grace)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut gc = SnapshotGc::default();
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| io("listing blobs", e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| io("listing blobs", e))?;
+            let name = entry.file_name();
+            let Ok(hash) = ChainHash::from_hex(&name.to_string_lossy()) else {
+                continue; // a temp file of an upload in progress
+            };
+            let meta = entry
+                .metadata()
+                .map_err(|e| io("reading a blob's metadata", e))?;
+            let recent = meta.modified().map_or(true, |t| t > cutoff);
+            if keep.contains(&hash.0) || recent {
+                gc.kept += 1;
+                continue;
+            }
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    gc.removed += 1;
+                    gc.bytes_removed += meta.len();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("removing a blob", e)),
+            }
+        }
+        Ok(gc)
+    }
+}
+
 fn parse_hash(text: &str) -> Result<ChainHash, SnapshotError> {
     ChainHash::from_hex(text).map_err(|_| {
         SnapshotError::Invalid(format!(
@@ -145,6 +195,62 @@ impl Broker {
     /// Size of a stored snapshot, if the broker has it.
     pub fn snapshot_size(&self, hash: &str) -> Result<Option<u64>, SnapshotError> {
         Ok(self.inner.snapshots.size(&parse_hash(hash)?))
+    }
+
+    /// Removes the snapshot blobs retention does not keep (see the module documentation);
+    /// `grace`: blobs written within it are kept whatever.
+    pub async fn collect_snapshots(&self, grace: Duration) -> Result<SnapshotGc, SnapshotError> {
+        let all = self.verify_reports(None).await?;
+        let marks = self.marks().await?.marks;
+        let mut keep: HashSet<[u8; 32]> = HashSet::new();
+        for barriers in all.values() {
+            // Verified barriers, oldest first, with the hash their replicas agreed on.
+            let verified: Vec<(u64, [u8; 32])> = barriers
+                .iter()
+                .filter_map(|(&position, by_replica)| {
+                    let mut hashes = by_replica.values();
+                    let first = *hashes.next()?;
+                    (by_replica.len() >= 2 && hashes.all(|h| *h == first))
+                        .then_some((position, first))
+                })
+                .collect();
+            keep.extend(verified.iter().rev().take(KEEP_VERIFIED).map(|(_, h)| *h));
+            for mark in &marks {
+                if let Some((_, hash)) = verified.iter().rev().find(|(p, _)| *p <= mark.position) {
+                    keep.insert(*hash);
+                }
+            }
+        }
+        let blobs = std::sync::Arc::clone(&self.inner.snapshots);
+        let gc = tokio::task::spawn_blocking(move || blobs.collect(&keep, grace))
+            .await
+            .map_err(|e| StoreError::new(format!("snapshot task failed: {e}")))??;
+        if gc.removed > 0 {
+            tracing::info!(
+                removed = gc.removed,
+                bytes = gc.bytes_removed,
+                kept = gc.kept,
+                "snapshot blobs collected"
+            );
+        }
+        Ok(gc)
+    }
+
+    /// Collects snapshot blobs every [`GC_INTERVAL`] until the broker stops.
+    pub(crate) fn spawn_snapshot_gc(&self) {
+        let broker = self.clone();
+        tokio::spawn(async move {
+            let mut stopping = broker.inner.stopping.subscribe();
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(GC_INTERVAL) => {}
+                    _ = stopping.wait_for(|stop| *stop) => break,
+                }
+                if let Err(e) = broker.collect_snapshots(GC_GRACE).await {
+                    tracing::warn!(error = %e, "collecting snapshot blobs failed");
+                }
+            }
+        });
     }
 
     /// The newest barrier at or before `at_or_before` (default: any) at which two or more

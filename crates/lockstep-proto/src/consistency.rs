@@ -433,3 +433,24 @@ pub struct VerifiedSnapshot {
     /// Size of the blob in bytes.
     pub bytes: u64,
 }
+
+/// `POST /v1/snapshots/gc`: removes snapshot blobs no one needs any more.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotGcRequest {
+    /// Blobs written within this many seconds are kept whatever (default 600): reports at their
+    /// barriers may still be arriving.
+    #[serde(default)]
+    pub grace_seconds: Option<u64>,
+}
+
+/// What a snapshot collection did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotGc {
+    /// Blobs kept.
+    pub kept: usize,
+    /// Blobs removed.
+    pub removed: usize,
+    /// Bytes removed.
+    pub bytes_removed: u64,
+}
