@@ -429,6 +429,18 @@ fn json_body<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::bad_request("invalid_json", format!("malformed JSON body: {e}")))
 }
 
+/// Like [`json_body`], for routes whose body is optional: an empty one means `T::default()`.
+fn optional_json_body<T: serde::de::DeserializeOwned + Default>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(body_error)?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        json_body(Ok(body))
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateParams {
@@ -753,18 +765,9 @@ async fn pause(
     State(broker): State<Broker>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(body_error)?;
-    let request: PauseRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        PauseRequest::default()
-    } else {
-        json_body(Ok(body))?
-    };
-    if request.reason.as_ref().is_some_and(|r| r.len() > 1024) {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            "reason is longer than 1024 bytes",
-        ));
-    }
+    let request: PauseRequest = optional_json_body(body)?;
+    crate::rollback::check_reason(request.reason.as_deref())
+        .map_err(|message| ApiError::bad_request("invalid_request", message))?;
     let state = broker
         .set_paused(Some(request.reason))
         .await
@@ -846,12 +849,7 @@ async fn collect_snapshots(
     State(broker): State<Broker>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(body_error)?;
-    let request: SnapshotGcRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        SnapshotGcRequest::default()
-    } else {
-        json_body(Ok(body))?
-    };
+    let request: SnapshotGcRequest = optional_json_body(body)?;
     let grace = request
         .grace_seconds
         .map_or(crate::snapshots::GC_GRACE, Duration::from_secs);

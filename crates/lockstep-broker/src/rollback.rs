@@ -51,6 +51,19 @@ pub enum RollbackError {
     Busy(String),
 }
 
+/// Longest reason a rollback or a pause may give, in bytes.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// Checks an operator's reason (of a rollback or a pause) against [`MAX_REASON_BYTES`].
+pub(crate) fn check_reason(reason: Option<&str>) -> Result<(), String> {
+    match reason {
+        Some(r) if r.len() > MAX_REASON_BYTES => {
+            Err(format!("reason is longer than {MAX_REASON_BYTES} bytes"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Times a rollback is computed again because publishes moved the head meanwhile.
 const ROLLBACK_ATTEMPTS: usize = 20;
 
@@ -89,13 +102,7 @@ impl Broker {
             RollbackTo::Mark(name) => (self.mark(&name).await?.position, Some(name)),
             RollbackTo::Position(position) => (position, None),
         };
-        if let Some(reason) = &request.reason
-            && reason.len() > 1024
-        {
-            return Err(RollbackError::Invalid(
-                "reason is longer than 1024 bytes".into(),
-            ));
-        }
+        check_reason(request.reason.as_deref()).map_err(RollbackError::Invalid)?;
         let data = RollbackData {
             target,
             mark: mark.clone(),
